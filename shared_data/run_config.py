@@ -1,0 +1,249 @@
+"""The flags both training scripts share, their presets and checks, and the run folder they describe."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from shared_data import variants
+from shared_data.trash_safe import atomic_write_json
+
+STACKS = ("lightning", "flax")
+DATASETS = (
+    "imagenette", "imagenette-320", "imagenette-160",
+    "imagewoof", "imagewoof-320", "imagewoof-160",
+    "synthetic",
+)
+PRECISIONS = ("fp32", "bf16")
+SYNTHETIC_SIZES = ("tiny", "small", "imagenette")
+NOISY_LABEL_PERCENTS = (0, 1, 5, 25, 50)
+
+# The official Swin V2 recipe (AdamW, 300 epochs with 20 of warm-up, base lr 5e-4 per 512 images,
+# warm-up from lr/1000, cosine down to lr/100, weight decay 0.05, label smoothing 0.1, clip 5.0),
+# scaled to Imagenette's 9,469 training images: 100 epochs with 5 of warm-up.
+DEFAULTS: dict[str, Any] = dict(
+    dataset="imagenette-320",
+    data_dir="data",
+    model="swinv2_tiny_window8_256",
+    img_size=None,  # the variant's own
+    batch_size=64,
+    epochs=100,
+    max_steps=None,
+    lr=None,  # 5e-4 * batch_size / 512, the official linear scaling rule
+    warmup_epochs=5.0,
+    weight_decay=0.05,
+    label_smoothing=0.1,
+    drop_path=None,  # the variant's own (tiny 0.2)
+    grad_clip=5.0,
+    seed=0,
+    precision="fp32",
+    run_name=None,  # a timestamp
+    logdir="runs",
+    resume=False,
+    keep_checkpoints=2,
+    checkpoint_every_steps=0,  # 0: at the end of every epoch only
+    num_workers=None,  # min(4, cores)
+    synthetic_size="small",
+    noisy_labels=0,
+    strict=False,
+    preset=None,
+)
+BASE_LR_PER_512 = 5e-4
+WARMUP_START_FACTOR = 1e-3  # warm-up starts at lr / 1000
+COSINE_END_FACTOR = 1e-2  # cosine ends at lr / 100
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # A nano model on a small synthetic set: a whole run in well under two minutes on a 2-core CPU.
+    "smoke": dict(
+        dataset="synthetic", synthetic_size="small", model="swinv2_nano_window4_64", img_size=64,
+        batch_size=32, epochs=5, lr=2e-3, warmup_epochs=1.0, drop_path=0.0,
+        label_smoothing=0.0, num_workers=2,
+    ),
+    # The 2022 origin's comparison setting.
+    "swinv2_tiny_window8_256": dict(model="swinv2_tiny_window8_256", img_size=256, batch_size=32),
+}
+
+# Flags whose change makes a resumed run a different experiment.
+_RESUME_MUST_MATCH = (
+    "dataset", "model", "img_size", "batch_size", "lr", "warmup_epochs", "weight_decay",
+    "label_smoothing", "drop_path", "grad_clip", "seed", "precision", "synthetic_size", "noisy_labels",
+)
+
+
+class ConfigError(ValueError):
+    """A flag value that cannot work; the message names the flag."""
+
+
+def build_parser(stack: str, add_stack_flags: Callable[[argparse.ArgumentParser], None] | None = None,
+                 description: str = "") -> argparse.ArgumentParser:
+    """The shared argument parser; every default is None so presets can fill what was not given."""
+    parser = argparse.ArgumentParser(
+        prog=f"train_{stack}.py", description=description,
+        argument_default=None,
+    )
+    d = DEFAULTS
+    add = parser.add_argument
+    add("--preset", choices=sorted(PRESETS), help="a named setting; explicit flags override it")
+    add("--dataset", choices=DATASETS, help=f"dataset name (default {d['dataset']}); falls back to "
+        "'synthetic' with a warning when absent and not downloadable")
+    add("--data-dir", help=f"where datasets, archives and caches live (default {d['data_dir']})")
+    add("--synthetic-size", choices=SYNTHETIC_SIZES, help=f"size of the synthetic set (default {d['synthetic_size']})")
+    add("--noisy-labels", type=int, choices=NOISY_LABEL_PERCENTS, help="percent of noisy training labels (default 0)")
+    add("--strict", action="store_true", default=None, help="fail on the first unreadable image instead of skipping it")
+    add("--model", help=f"Swin V2 variant (default {d['model']}): " + ", ".join(sorted(variants.VARIANTS)))
+    add("--img-size", type=int, help="input resolution (default: the variant's)")
+    add("--batch-size", type=int, help=f"global batch size over all devices (default {d['batch_size']})")
+    add("--epochs", type=int, help=f"training epochs (default {d['epochs']})")
+    add("--max-steps", type=int, help="stop after this many optimiser steps (default: epochs x steps per epoch)")
+    add("--lr", type=float, help="peak learning rate (default 5e-4 x batch size / 512, the official scaling)")
+    add("--warmup-epochs", type=float, help=f"linear warm-up length in epochs (default {d['warmup_epochs']})")
+    add("--weight-decay", type=float, help=f"AdamW weight decay, official exclusions (default {d['weight_decay']})")
+    add("--label-smoothing", type=float, help=f"label smoothing (default {d['label_smoothing']})")
+    add("--drop-path", type=float, help="stochastic depth rate (default: the variant's, tiny 0.2)")
+    add("--grad-clip", type=float, help=f"global gradient-norm clip, 0 disables (default {d['grad_clip']})")
+    add("--seed", type=int, help=f"seed of data order, augmentation, init and dropout (default {d['seed']})")
+    add("--precision", choices=PRECISIONS, help=f"fp32, or bf16 activations with fp32 weights (default {d['precision']})")
+    add("--run-name", help="run folder name under <logdir>/<stack>/ (default: a timestamp)")
+    add("--logdir", help=f"root of all runs (default {d['logdir']})")
+    add("--resume", action="store_true", default=None,
+        help="continue <logdir>/<stack>/<run-name> from its latest complete checkpoint (needs --run-name)")
+    add("--keep-checkpoints", type=int, help=f"checkpoints kept: best by val accuracy and latest (default {d['keep_checkpoints']})")
+    add("--checkpoint-every-steps", type=int, help="also checkpoint every N steps (default 0: each epoch end only)")
+    add("--num-workers", type=int, help="data loading workers (default min(4, cores))")
+    if add_stack_flags is not None:
+        add_stack_flags(parser)
+    return parser
+
+
+def resolve(args: argparse.Namespace | dict[str, Any], stack: str) -> dict[str, Any]:
+    """Defaults < preset < explicit flags, checked; raises ConfigError naming the bad flag."""
+    given = {k: v for k, v in (vars(args) if isinstance(args, argparse.Namespace) else args).items() if v is not None}
+    preset = given.get("preset")
+    if preset is not None and preset not in PRESETS:
+        raise ConfigError(f"--preset: unknown preset {preset!r}; choose one of {', '.join(sorted(PRESETS))}")
+    config = dict(DEFAULTS)
+    config.update(PRESETS.get(preset, {}))
+    config.update(given)
+    config["stack"] = stack
+    _check(config)
+    variant = variants.variant_config(config["model"])
+    if config["img_size"] is None:
+        config["img_size"] = variant["img_size"]
+    if config["drop_path"] is None:
+        config["drop_path"] = variant["drop_path_rate"]
+    if config["lr"] is None:
+        config["lr"] = BASE_LR_PER_512 * config["batch_size"] / 512
+    if config["num_workers"] is None:
+        config["num_workers"] = min(4, os.cpu_count() or 1)
+    try:
+        variants.variant_config(config["model"], img_size=config["img_size"])
+    except ValueError as error:
+        raise ConfigError(f"--img-size/--model: {error}") from None
+    if config["run_name"] is None:
+        if config["resume"]:
+            raise ConfigError("--resume needs --run-name: name the run folder to continue")
+        config["run_name"] = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    config["run_dir"] = str(Path(config["logdir"]) / stack / config["run_name"])
+    config["warmup_start_factor"] = WARMUP_START_FACTOR
+    config["cosine_end_factor"] = COSINE_END_FACTOR
+    return config
+
+
+def _check(config: dict[str, Any]) -> None:
+    """Reject impossible values before any data is read."""
+    positive = {"batch_size": "--batch-size", "epochs": "--epochs", "keep_checkpoints": "--keep-checkpoints"}
+    for key, flag in positive.items():
+        if not isinstance(config[key], int) or config[key] < 1:
+            raise ConfigError(f"{flag} must be a positive integer, got {config[key]!r}")
+    non_negative = {
+        "warmup_epochs": "--warmup-epochs", "weight_decay": "--weight-decay", "grad_clip": "--grad-clip",
+        "checkpoint_every_steps": "--checkpoint-every-steps",
+    }
+    for key, flag in non_negative.items():
+        if not (config[key] >= 0 and math.isfinite(config[key])):
+            raise ConfigError(f"{flag} must be >= 0, got {config[key]!r}")
+    if config["max_steps"] is not None and config["max_steps"] < 1:
+        raise ConfigError(f"--max-steps must be a positive integer, got {config['max_steps']!r}")
+    if config["lr"] is not None and not (config["lr"] > 0 and math.isfinite(config["lr"])):
+        raise ConfigError(f"--lr must be a positive number, got {config['lr']!r}")
+    if not 0 <= config["label_smoothing"] < 1:
+        raise ConfigError(f"--label-smoothing must be in [0, 1), got {config['label_smoothing']!r}")
+    if config["drop_path"] is not None and not 0 <= config["drop_path"] < 1:
+        raise ConfigError(f"--drop-path must be in [0, 1), got {config['drop_path']!r}")
+    if config["num_workers"] is not None and config["num_workers"] < 0:
+        raise ConfigError(f"--num-workers must be >= 0, got {config['num_workers']!r}")
+    if config["img_size"] is not None and config["img_size"] < 1:
+        raise ConfigError(f"--img-size must be positive, got {config['img_size']!r}")
+    if config["model"] not in variants.VARIANTS:
+        raise ConfigError(f"--model: unknown variant {config['model']!r}; run with --help for the list")
+    if config["dataset"] not in DATASETS:
+        raise ConfigError(f"--dataset: unknown dataset {config['dataset']!r}; choose one of {', '.join(DATASETS)}")
+    if config["precision"] not in PRECISIONS:
+        raise ConfigError(f"--precision must be fp32 or bf16, got {config['precision']!r}")
+    if config["run_name"] is not None and (not config["run_name"] or "/" in config["run_name"]
+                                           or config["run_name"] in (".", "..")):
+        raise ConfigError(f"--run-name must be a plain folder name, got {config['run_name']!r}")
+
+
+def total_steps(config: dict[str, Any], steps_per_epoch: int) -> int:
+    """Optimiser steps in the whole run: --max-steps when given, else epochs x steps per epoch."""
+    full = config["epochs"] * steps_per_epoch
+    return min(full, config["max_steps"]) if config["max_steps"] else full
+
+
+def warmup_steps(config: dict[str, Any], steps_per_epoch: int) -> int:
+    """Warm-up length in optimiser steps, never the whole run."""
+    return min(int(round(config["warmup_epochs"] * steps_per_epoch)), max(total_steps(config, steps_per_epoch) - 1, 0))
+
+
+def learning_rate(step: int, config: dict[str, Any], steps_per_epoch: int) -> float:
+    """Reference schedule (linear warm-up, then cosine), per optimiser step; both stacks test against it."""
+    peak = config["lr"]
+    warm = warmup_steps(config, steps_per_epoch)
+    total = total_steps(config, steps_per_epoch)
+    if step < warm:
+        start = peak * config["warmup_start_factor"]
+        return start + (peak - start) * step / warm
+    end = peak * config["cosine_end_factor"]
+    progress = min(max((step - warm) / max(total - warm, 1), 0.0), 1.0)
+    return end + (peak - end) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def prepare_run_dir(config: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
+    """Create the run folder and save the resolved config; on --resume, refuse a changed experiment."""
+    run_dir = Path(config["run_dir"])
+    config_path = run_dir / "config.json"
+    record = dict(config, **(extra or {}), command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]))
+    if config["resume"]:
+        if not config_path.is_file():
+            raise ConfigError(f"--resume: no run to continue at {run_dir} (no config.json); check --run-name and --logdir")
+        saved = json.loads(config_path.read_text())
+        changed = [k for k in _RESUME_MUST_MATCH if k in saved and saved[k] != record.get(k)]
+        if changed:
+            diffs = ", ".join(f"--{k.replace('_', '-')} {saved[k]!r} -> {record.get(k)!r}" for k in changed)
+            raise ConfigError(f"--resume: {run_dir} was started with different settings ({diffs}); "
+                              "use a new --run-name or the original flags")
+        record["resumed_from_config"] = str(config_path)
+        atomic_write_json(run_dir / "config.resume.json", record)
+        return run_dir
+    if config_path.exists():
+        raise ConfigError(f"--run-name: {run_dir} already exists; pass --resume to continue it or pick another name")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(config_path, record)
+    return run_dir
+
+
+def parse_or_exit(parser: argparse.ArgumentParser, stack: str, argv: list[str] | None = None) -> dict[str, Any]:
+    """Parse and resolve flags; a bad value ends the program with argparse's one-line usage error."""
+    args = parser.parse_args(argv)
+    try:
+        return resolve(args, stack)
+    except ConfigError as error:
+        parser.error(str(error))
+    raise AssertionError("unreachable")

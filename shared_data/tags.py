@@ -1,0 +1,31 @@
+"""The TensorBoard tag names and units both stacks write, defined once so the traces can be diffed."""
+
+# Step = global optimiser step.
+TRAIN_LOSS = "train/loss"
+TRAIN_ACCURACY = "train/accuracy"
+TRAIN_LR = "train/lr"
+STEP_TIME = "time/step_s"  # whole step: data wait + compute, device synchronised
+DATA_WAIT_TIME = "time/data_wait_s"
+COMPUTE_TIME = "time/compute_s"
+FIRST_STEP_TIME = "time/first_step_s"  # once, at step 1: includes compilation and allocation
+
+# Step = epoch number, 1-based.
+EPOCH_TRAIN_TIME = "epoch/train_time_s"
+EPOCH_VAL_TIME = "epoch/val_time_s"
+EPOCH_TRAIN_IMAGES_PER_S = "epoch/train_images_per_s"
+EPOCH_VAL_IMAGES_PER_S = "epoch/val_images_per_s"
+EPOCH_CHECKPOINT_TIME = "epoch/checkpoint_time_s"
+EPOCH_WALL_TIME = "epoch/wall_time_s"  # the whole epoch, logging and bookkeeping included
+VAL_LOSS = "val/loss"
+VAL_ACCURACY = "val/accuracy"
+VAL_ACCURACY_TOP5 = "val/accuracy_top5"
+HOST_PEAK_MB = "memory/host_peak_mb"
+DEVICE_PEAK_MB = "memory/device_peak_mb"  # only where the device reports it
+
+PER_STEP = (TRAIN_LOSS, TRAIN_ACCURACY, TRAIN_LR, STEP_TIME, DATA_WAIT_TIME, COMPUTE_TIME)
+PER_EPOCH = (
+    EPOCH_TRAIN_TIME, EPOCH_VAL_TIME, EPOCH_TRAIN_IMAGES_PER_S, EPOCH_VAL_IMAGES_PER_S,
+    EPOCH_CHECKPOINT_TIME, EPOCH_WALL_TIME, VAL_LOSS, VAL_ACCURACY, VAL_ACCURACY_TOP5, HOST_PEAK_MB,
+)
+# Every tag a run on any device must write (DEVICE_PEAK_MB only where the device reports memory).
+REQUIRED = PER_STEP + (FIRST_STEP_TIME,) + PER_EPOCH

@@ -1,0 +1,45 @@
+"""What a run records about where it ran: host peak memory, CPU name, library versions."""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import sys
+from importlib import metadata
+
+RECORDED_LIBRARIES = (
+    "torch", "torchvision", "pytorch-lightning", "torchmetrics",
+    "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "clu", "numpy", "pillow",
+)
+
+
+def host_peak_mb() -> float:
+    """Peak resident memory of this process so far, in MiB (Linux reports ru_maxrss in KiB)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024 if sys.platform != "darwin" else peak / 2**20
+
+
+def cpu_description() -> str:
+    """'cpu: <model name> x<cores> cores', read from /proc/cpuinfo where it exists."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"cpu: {name} x{os.cpu_count()} cores"
+
+
+def library_versions(names: tuple[str, ...] = RECORDED_LIBRARIES) -> dict[str, str]:
+    """Installed versions of the libraries that decide speed and numerics, plus Python's."""
+    versions = {"python": platform.python_version()}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
