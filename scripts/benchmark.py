@@ -1,0 +1,212 @@
+"""Run both training stacks with identical settings (PyTorch eager and compiled), then compare their traces."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from scripts import compare
+from shared_data import run_config
+from shared_data.run_config import DATASETS, PRECISIONS, PRESETS, SYNTHETIC_SIZES
+from shared_data.timing import RECORDED_LIBRARIES, cpu_description, library_versions
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TRAINING_SCRIPTS = {
+    "lightning": REPO_ROOT / "scripts" / "train_lightning.py",
+    "flax": REPO_ROOT / "scripts" / "train_flax.py",
+}
+PREPARE_SCRIPT = REPO_ROOT / "scripts" / "prepare_data.py"
+# Flags both training scripts take with the same meaning, passed through only when given here, so the
+# preset's value applies otherwise: (benchmark attribute, training script flag).
+SHARED_FLAGS = (
+    ("preset", "--preset"), ("dataset", "--dataset"), ("data_dir", "--data-dir"), ("model", "--model"),
+    ("img_size", "--img-size"), ("epochs", "--epochs"), ("max_steps", "--max-steps"), ("seed", "--seed"),
+    ("num_workers", "--num-workers"), ("synthetic_size", "--synthetic-size"),
+)
+
+
+class BenchmarkError(Exception):
+    """A benchmark that cannot go on; the message is one line naming the run and its log."""
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One training script invocation."""
+
+    stack: str
+    run_name: str
+    compile: bool
+    command: tuple[str, ...]
+
+
+def _run_name(batch_size: int | None, precision: str | None, mode: str | None, repeat: int) -> str:
+    parts = [f"bs{batch_size}" if batch_size else None, precision, mode, f"r{repeat}"]
+    return "-".join(part for part in parts if part)
+
+
+def plan_runs(args: argparse.Namespace, logdir: Path) -> list[PlannedRun]:
+    """Every run, the stacks interleaved and their order rotated each repeat, so that slow drifts of the
+    machine and whatever one run leaves warm for the next do not always favour the same stack."""
+    shared = []
+    for attribute, flag in SHARED_FLAGS:
+        value = getattr(args, attribute)
+        if value is not None:
+            shared += [flag, str(value)]
+    variants = [("flax", False)]
+    if not args.no_eager:
+        variants.append(("lightning", False))
+    if not args.no_compile:
+        variants.append(("lightning", True))
+    planned = []
+    for repeat in range(args.repeats):
+        for batch_size in args.batch_sizes or [None]:
+            for precision in args.precisions or [None]:
+                settings = list(shared)
+                settings += ["--batch-size", str(batch_size)] if batch_size else []
+                settings += ["--precision", precision] if precision else []
+                turn = repeat % len(variants)
+                for stack, compiled in variants[turn:] + variants[:turn]:
+                    mode = None if stack == "flax" else ("compile" if compiled else "eager")
+                    name = _run_name(batch_size, precision, mode, repeat)
+                    command = [sys.executable, str(TRAINING_SCRIPTS[stack]), *settings,
+                               "--run-name", name, "--logdir", str(logdir)]
+                    command += ["--compile"] if compiled else []
+                    planned.append(PlannedRun(stack, name, compiled, tuple(command)))
+    return planned
+
+
+def prepare_command(args: argparse.Namespace) -> tuple[str, ...]:
+    """scripts/prepare_data.py for the data every run reads, so that no run pays for decoding and caching it."""
+    given = {attribute: getattr(args, attribute) for attribute, _ in SHARED_FLAGS}
+    try:
+        config = run_config.resolve(given, "flax")  # the data settings are the same for both stacks
+    except run_config.ConfigError as error:
+        raise BenchmarkError(str(error)) from None
+    return (sys.executable, str(PREPARE_SCRIPT), "--dataset", config["dataset"], "--data-dir", str(config["data_dir"]),
+            "--img-size", str(config["img_size"]), "--seed", str(config["seed"]),
+            "--synthetic-size", config["synthetic_size"])
+
+
+def environment() -> dict[str, Any]:
+    """Host, CPU and library versions of the machine running the benchmark (each run records its own too)."""
+    return {"host": platform.node(), "platform": platform.platform(), "cpu": cpu_description(),
+            "versions": library_versions(RECORDED_LIBRARIES + ("tensorboard", "tensorboardX", "matplotlib"))}
+
+
+def _last_line(log: Path) -> str:
+    lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    return lines[-1][:300] if lines else "(empty log)"
+
+
+def _call_logged(command: tuple[str, ...], log: Path) -> tuple[int, float]:
+    """(exit code, seconds) of a command whose output goes to `log`."""
+    start = time.perf_counter()
+    with log.open("w") as output:
+        returncode = subprocess.call(command, stdout=output, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return returncode, round(time.perf_counter() - start, 3)
+
+
+def run_planned(planned: list[PlannedRun], logdir: Path, record: dict[str, Any], prepare: tuple[str, ...]) -> None:
+    """Prepare the data, then run each training command in turn; output in <logdir>/logs/, results in benchmark.json."""
+    logs = logdir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    record_path = logdir / "benchmark.json"
+    log = logs / "prepare_data.log"
+    print("preparing the data once, so that no run pays for it ...", flush=True)
+    returncode, seconds = _call_logged(prepare, log)
+    record["prepare_data"] = {"command": prepare, "returncode": returncode, "wall_s": seconds, "log": str(log)}
+    record_path.write_text(json.dumps(record, indent=2))
+    if returncode != 0:
+        raise BenchmarkError(f"prepare_data.py failed (exit {returncode}): {_last_line(log)}; full log: {log}")
+    for item in (progress := tqdm(planned, desc="benchmark", unit="run")):
+        progress.set_postfix_str(f"{item.stack} {item.run_name}")
+        log = logs / f"{item.stack}-{item.run_name}.log"
+        load_before = os.getloadavg()[0]  # other work on the machine skews timings: keep the evidence
+        returncode, seconds = _call_logged(item.command, log)
+        record["runs"].append({**asdict(item), "returncode": returncode, "wall_s": seconds, "log": str(log),
+                               "load_average_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)]})
+        record_path.write_text(json.dumps(record, indent=2))
+        if returncode != 0:
+            progress.close()
+            raise BenchmarkError(f"{Path(item.command[1]).name} run {item.run_name!r} failed (exit {returncode}): "
+                                 f"{_last_line(log)}; full log: {log}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="CPU smoke test:  python scripts/benchmark.py --preset smoke\n"
+               "Origin's setting (GPU):  python scripts/benchmark.py --preset swinv2_tiny_window8_256 "
+               "--dataset synthetic --synthetic-size imagenette --batch-sizes 32 64 --precisions bf16 fp32 "
+               "--epochs 5 --repeats 3")
+    parser.add_argument("--preset", default="smoke", choices=sorted(PRESETS), help="training preset (default smoke)")
+    parser.add_argument("--dataset", default=None, choices=DATASETS)
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--model", default=None)
+    parser.add_argument("--img-size", type=int, default=None)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=None,
+                        help="one run set per batch size (default: the preset's; the origin used 32 64)")
+    parser.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=None,
+                        help="one run set per precision (default: the preset's)")
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--max-steps", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=None, help="the same seed for every run and repeat")
+    parser.add_argument("--num-workers", type=int, default=None)
+    parser.add_argument("--synthetic-size", default=None, choices=SYNTHETIC_SIZES,
+                        help="'imagenette' for synthetic data of Imagenette's size")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per variant, for min/median/max")
+    parser.add_argument("--no-compile", action="store_true", help="skip the Lightning --compile runs")
+    parser.add_argument("--no-eager", action="store_true", help="skip the Lightning eager runs")
+    parser.add_argument("--logdir", type=Path, default=None, help="default runs/benchmark-<UTC timestamp>/")
+    parser.add_argument("--out", type=Path, default=None, help="report folder (default reports/<UTC timestamp>/)")
+    parser.add_argument("--force", action="store_true", help="passed to compare.py")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="passed to compare.py")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands and stop")
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    if args.no_compile and args.no_eager:
+        parser.error("--no-compile with --no-eager leaves no Lightning run to compare with")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    logdir = args.logdir or Path("runs") / f"benchmark-{stamp}"
+    out = args.out or Path("reports") / stamp
+    planned = plan_runs(args, logdir.resolve())
+    try:
+        prepare = prepare_command(args)
+        if args.dry_run:
+            print("\n".join(" ".join(command) for command in (prepare, *(item.command for item in planned))))
+            return 0
+        missing = [str(path) for path in (PREPARE_SCRIPT, *TRAINING_SCRIPTS.values()) if not path.exists()]
+        if missing:
+            raise BenchmarkError(f"script(s) not found: {', '.join(missing)}")
+        if (logdir / "benchmark.json").exists():
+            raise BenchmarkError(f"--logdir {logdir} already holds a benchmark; choose a new folder")
+        record = {"created": stamp, "argv": sys.argv if argv is None else ["benchmark.py", *argv],
+                  "environment": environment(), "runs": []}
+        run_planned(planned, logdir.resolve(), record, prepare)
+        report = compare.compare(logdir.resolve(), out, force=args.force, peak_tflops=args.peak_tflops)
+    except (BenchmarkError, compare.NotComparableError) as error:
+        raise SystemExit(f"benchmark.py: {error}") from None
+    print(f"runs: {logdir}\nreport: {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""The comparison report's PNG figures: step times, epoch times, throughput, learning curves, time breakdown."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: the report is written on headless machines
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+# One colour per variant everywhere, so a reader can match figures at a glance.
+VARIANT_COLOURS = {"Flax": "tab:blue", "Lightning eager": "tab:orange", "Lightning compiled": "tab:red"}
+BREAKDOWN_COLOURS = {
+    "data wait": "tab:gray",
+    "compute": "tab:blue",
+    "evaluation": "tab:green",
+    "checkpoint": "tab:purple",
+    "compilation": "tab:red",
+    "logging/other": "tab:olive",
+    "startup/teardown": "tab:cyan",
+}
+
+# label -> one (x, y) series per repeat
+Series = Mapping[str, Sequence[tuple[np.ndarray, np.ndarray]]]
+# label -> one {epoch: value} per repeat
+EpochValues = Mapping[str, Sequence[Mapping[int, float]]]
+
+
+def _colour(label: str) -> str | None:
+    return VARIANT_COLOURS.get(label)
+
+
+def _save(figure: plt.Figure, path: Path) -> Path:
+    figure.tight_layout()
+    figure.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    return path
+
+
+def plot_step_times(step_times: Series, steps_per_epoch: int | None, epochs: int, path: Path) -> Path:
+    """Seconds per training iteration over the first `epochs` epochs (log scale: the first step dwarfs the rest)."""
+    figure, axes = plt.subplots(figsize=(9, 4.5))
+    last_step = steps_per_epoch * epochs if steps_per_epoch else None
+    for label, repeats in step_times.items():
+        for repeat, (steps, seconds) in enumerate(repeats):
+            keep = steps <= last_step if last_step else slice(None)
+            axes.plot(steps[keep], seconds[keep], color=_colour(label), lw=0.8, alpha=0.8,
+                      label=label if repeat == 0 else None)
+    if steps_per_epoch:
+        for epoch in range(1, epochs):
+            axes.axvline(epoch * steps_per_epoch + 0.5, color="k", lw=0.5, ls=":")
+    axes.set_yscale("log")
+    axes.set_xlabel("global step (dotted lines: epoch ends)")
+    axes.set_ylabel("seconds per iteration")
+    axes.set_title(f"Time per iteration over the first {epochs} epochs")
+    axes.legend()
+    return _save(figure, path)
+
+
+def _grouped_bars(axes: plt.Axes, values: EpochValues, title: str, ylabel: str) -> None:
+    """Bars per epoch, one per variant side by side, at the median over repeats with min-max whiskers."""
+    labels = list(values)
+    epochs = sorted({epoch for repeats in values.values() for repeat in repeats for epoch in repeat})
+    width = 0.8 / max(len(labels), 1)
+    for offset, label in enumerate(labels):
+        medians, low, high = [], [], []
+        for epoch in epochs:
+            samples = [repeat[epoch] for repeat in values[label] if epoch in repeat]
+            median = float(np.median(samples)) if samples else np.nan
+            medians.append(median)
+            low.append(median - min(samples) if samples else 0.0)
+            high.append(max(samples) - median if samples else 0.0)
+        positions = np.arange(len(epochs)) + (offset - (len(labels) - 1) / 2) * width
+        axes.bar(positions, medians, width, yerr=[low, high], capsize=2, color=_colour(label), label=label)
+    axes.set_xticks(np.arange(len(epochs)), [str(epoch) for epoch in epochs])
+    axes.set_xlabel("epoch")
+    axes.set_ylabel(ylabel)
+    axes.set_title(title)
+    axes.legend()
+
+
+def plot_epoch_times(train: EpochValues, val: EpochValues, path: Path) -> Path:
+    """Training and validation seconds per epoch, the variants side by side."""
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    _grouped_bars(left, train, "Training time per epoch", "seconds")
+    _grouped_bars(right, val, "Validation time per epoch", "seconds")
+    return _save(figure, path)
+
+
+def plot_throughput(train: EpochValues, val: EpochValues, path: Path) -> Path:
+    """Training and validation images per second per epoch."""
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    _grouped_bars(left, train, "Training throughput", "images / s")
+    _grouped_bars(right, val, "Validation throughput", "images / s")
+    return _save(figure, path)
+
+
+def plot_curves(train_loss: Series, val_loss: EpochValues, val_accuracy: EpochValues, path: Path) -> Path:
+    """Loss and accuracy curves, a sanity check that both stacks learn alike."""
+    figure, (loss_axes, val_axes, accuracy_axes) = plt.subplots(1, 3, figsize=(14, 4.2))
+    for label, repeats in train_loss.items():
+        for repeat, (steps, loss) in enumerate(repeats):
+            loss_axes.plot(steps, loss, color=_colour(label), lw=0.8, alpha=0.7, label=label if repeat == 0 else None)
+    for axes, values in ((val_axes, val_loss), (accuracy_axes, val_accuracy)):
+        for label, repeats in values.items():
+            for repeat, per_epoch in enumerate(repeats):
+                epochs = sorted(per_epoch)
+                axes.plot(epochs, [per_epoch[e] for e in epochs], marker="o", color=_colour(label),
+                          label=label if repeat == 0 else None)
+        axes.set_xlabel("epoch")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    loss_axes.set(xlabel="global step", ylabel="loss", title="Training loss")
+    val_axes.set(ylabel="loss", title="Validation loss")
+    accuracy_axes.set(ylabel="top-1 accuracy", title="Validation accuracy")
+    for axes in (loss_axes, val_axes, accuracy_axes):
+        if axes.get_legend_handles_labels()[0]:
+            axes.legend()
+    return _save(figure, path)
+
+
+def plot_breakdown(breakdowns: Mapping[str, Mapping[str, float]], path: Path) -> Path:
+    """Stacked horizontal bar per variant of where its run's seconds went."""
+    figure, axes = plt.subplots(figsize=(10, 1.5 + 0.6 * len(breakdowns)))
+    labels = list(breakdowns)
+    left = np.zeros(len(labels))
+    for part, colour in BREAKDOWN_COLOURS.items():
+        seconds = np.array([breakdowns[label].get(part, 0.0) for label in labels])
+        if not seconds.any():
+            continue
+        axes.barh(labels, seconds, left=left, color=colour, label=part)
+        left += seconds
+    axes.invert_yaxis()
+    axes.set_xlabel("seconds (median over repeats)")
+    axes.set_title("Where the time goes")
+    axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
+    return _save(figure, path)
