@@ -1,0 +1,174 @@
+"""Lightning stack checkpoints: retention, trash-safe deletion, exact mid-epoch resume, NaN and disk-full stops."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from lightning_swin import checkpointing
+from lightning_swin.checkpointing import CheckpointError, latest_resumable, leftovers, list_checkpoints, verify_checkpoint
+from lightning_swin.module import INJECT_NAN_ENV
+from lightning_swin.train import parse_config, train
+from scripts.train_lightning import main
+from shared_data import trash_safe
+
+# The nano model at 64 px on the session's tiny synthetic set: 200 train images, so 6 steps of 32 per epoch.
+FAST = ["--dataset", "synthetic", "--synthetic-size", "tiny", "--model", "swinv2_nano_window4_64", "--img-size", "64",
+        "--num-workers", "0", "--batch-size", "32", "--lr", "2e-3", "--warmup-epochs", "0.5"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Several test suites share two cores: spinning OpenMP threads slow each step by 10x there.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def argv(logdir: Path, data_dir: Path, *flags: str, run_name: str = "run") -> list[str]:
+    return [*FAST, "--data-dir", str(data_dir), "--logdir", str(logdir), "--run-name", run_name, *flags]
+
+
+def run_training(logdir: Path, data_dir: Path, *flags: str, run_name: str = "run", callbacks=()) -> dict:
+    return train(parse_config(argv(logdir, data_dir, *flags, run_name=run_name)), extra_callbacks=callbacks)
+
+
+def names(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in checkpointing.checkpoint_dir(run_dir).iterdir())
+
+
+@pytest.fixture
+def trash(tmp_path, monkeypatch) -> Path:
+    """A cloud drive's trash: every unlink moves the file there instead of freeing it."""
+    folder = tmp_path / "trash"
+    folder.mkdir()
+    counter = iter(range(10**6))
+
+    def move_to_trash(path):
+        shutil.move(os.fspath(path), folder / f"{next(counter)}-{Path(path).name}")
+
+    monkeypatch.setattr(trash_safe, "_unlink", move_to_trash)
+    return folder
+
+
+class Interrupt(Exception):
+    """Stands in for a killed process."""
+
+
+class InterruptBeforeStep(pl.Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step + 1 == self.step:
+            raise Interrupt(f"interrupted before step {self.step}")
+
+
+@pytest.mark.parametrize("keep", [1, 3])
+def test_retention_keeps_the_best_and_the_latest_only(tmp_path, synthetic_data_dir, keep):
+    summary = run_training(tmp_path, synthetic_data_dir, "--epochs", "3", "--keep-checkpoints", str(keep),
+                           "--checkpoint-every-steps", "4")
+    run_dir = tmp_path / "lightning" / "run"
+    infos = list_checkpoints(run_dir)
+    assert all(info.complete for info in infos) and not leftovers(run_dir)
+    assert [i.path.name for i in infos if i.role == "last"] == ["last-epoch=003-step=000018.ckpt"]
+    best = [i for i in infos if i.role == "best"]
+    assert len(infos) == keep and len(best) == keep - 1
+    if best:
+        assert max(i.val_accuracy for i in best) == pytest.approx(summary["best_val_accuracy"], abs=1e-4)
+
+
+def test_deleted_checkpoints_and_leftovers_leave_only_empty_files_in_the_trash(tmp_path, synthetic_data_dir, trash):
+    run_training(tmp_path, synthetic_data_dir, "--max-steps", "6", "--keep-checkpoints", "1",
+                 "--checkpoint-every-steps", "1")
+    run_dir = tmp_path / "lightning" / "run"
+    # A save killed half-way, as a previous process would have left it.
+    partial = checkpointing.checkpoint_dir(run_dir) / ".last-epoch=001-step=000007.ckpt.x1y2z3.tmp"
+    partial.write_bytes(b"half a checkpoint" * 1000)
+    assert leftovers(run_dir) == [partial]
+    run_training(tmp_path, synthetic_data_dir, "--max-steps", "6", "--keep-checkpoints", "1",
+                 "--checkpoint-every-steps", "1", "--resume")
+    trashed = list(trash.iterdir())
+    assert len(trashed) >= 5  # five superseded checkpoints and the partial save
+    assert [p.name for p in trashed if p.stat().st_size] == []
+    assert any(p.name.endswith(partial.name) for p in trashed)
+    assert names(run_dir) == ["last-epoch=001-step=000006.ckpt"]
+    assert not [p for p in run_dir.rglob("*") if p.is_dir() and p.name != "checkpoints"]
+
+
+@pytest.mark.parametrize("interrupt_before", [10, 8], ids=["mid-epoch", "after-epoch-end"])
+def test_resume_mid_epoch_matches_uninterrupted(tmp_path, synthetic_data_dir, interrupt_before):
+    # Drop path on and a data worker running ahead: the random streams and the data position must both resume.
+    flags = ["--epochs", "2", "--checkpoint-every-steps", "2", "--drop-path", "0.1", "--num-workers", "1",
+             "--keep-checkpoints", "3"]
+    run_training(tmp_path, synthetic_data_dir, *flags, run_name="straight")
+    with pytest.raises(Interrupt):
+        run_training(tmp_path, synthetic_data_dir, *flags, run_name="cut",
+                     callbacks=[InterruptBeforeStep(interrupt_before)])
+    cut_dir = tmp_path / "lightning" / "cut"
+    resumed_from = latest_resumable(cut_dir)
+    assert resumed_from.name.startswith("last-") and f"step={interrupt_before - 2:06d}" in resumed_from.name
+    run_training(tmp_path, synthetic_data_dir, *flags, "--resume", run_name="cut")
+    final = "last-epoch=002-step=000012.ckpt"
+    straight = verify_checkpoint(tmp_path / "lightning" / "straight" / "checkpoints" / final)
+    resumed = verify_checkpoint(cut_dir / "checkpoints" / final)
+    assert straight["state_dict"].keys() == resumed["state_dict"].keys()
+    for name, tensor in straight["state_dict"].items():
+        assert torch.equal(tensor, resumed["state_dict"][name]), name
+    assert straight["lr_schedulers"][0]["_last_lr"] == resumed["lr_schedulers"][0]["_last_lr"]
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint_loadable(tmp_path, synthetic_data_dir, monkeypatch,
+                                                                       capsys):
+    monkeypatch.setenv(INJECT_NAN_ENV, "5")
+    code = main(argv(tmp_path, synthetic_data_dir, "--epochs", "2", "--checkpoint-every-steps", "2"))
+    assert code == 1
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "non-finite loss" in message and "step 5" in message
+    run_dir = tmp_path / "lightning" / "run"
+    infos = [i for i in list_checkpoints(run_dir) if i.complete]
+    assert [i.step for i in infos] == [4]
+    checkpoint = verify_checkpoint(infos[0].path)
+    assert all(torch.isfinite(t).all() for t in checkpoint["state_dict"].values() if t.is_floating_point())
+    assert not (run_dir / "summary.json").exists()
+
+
+def test_damaged_latest_checkpoint_is_skipped_with_a_warning_naming_it(tmp_path, synthetic_data_dir):
+    run_training(tmp_path, synthetic_data_dir, "--max-steps", "4", "--checkpoint-every-steps", "2",
+                 "--keep-checkpoints", "3")
+    run_dir = tmp_path / "lightning" / "run"
+    newest = list_checkpoints(run_dir)[-1].path
+    newest.write_bytes(newest.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=newest.name):
+        verify_checkpoint(newest)
+    with pytest.warns(UserWarning, match=newest.name):
+        chosen = latest_resumable(run_dir)
+    assert chosen is not None and chosen != newest and verify_checkpoint(chosen)["global_step"] > 0
+
+
+def test_disk_full_during_a_save_stops_with_one_line_and_keeps_the_previous(tmp_path, synthetic_data_dir, monkeypatch,
+                                                                            capsys):
+    real_write = checkpointing.atomic_write_bytes
+    saves = []
+
+    def fill_disk_on_second_save(path, data):
+        saves.append(path)
+        if len(saves) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real_write(path, data)
+
+    monkeypatch.setattr(checkpointing, "atomic_write_bytes", fill_disk_on_second_save)
+    code = main(argv(tmp_path, synthetic_data_dir, "--max-steps", "6", "--checkpoint-every-steps", "2"))
+    assert code == 1
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "no space left on device" in message and "--resume" in message
+    infos = list_checkpoints(tmp_path / "lightning" / "run")
+    assert [i.step for i in infos] == [2] and all(i.complete for i in infos)
+    verify_checkpoint(infos[0].path)
