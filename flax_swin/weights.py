@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -11,26 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from shared_data.swin_weights import WeightsFormatError, canonicalize, read_weights
+from shared_data.swin_weights import LoadReport, WeightsFormatError, canonicalize, read_weights
 
 HEAD_KEYS = ("head.weight", "head.bias")
 # safetensors metadata value that shared_data.swin_weights reads back as the "flax" format.
 FLAX_FORMAT = "flax"
-
-
-@dataclass
-class LoadReport:
-    """What load_pretrained did: where the weights came from and whether the head was kept at its init."""
-
-    source: str
-    fmt: str
-    loaded: list[str] = field(default_factory=list)
-    head_replaced: bool = False
-    head_note: str = ""
-
-    def __str__(self) -> str:
-        text = f"loaded {len(self.loaded)} tensors from {self.source} ({self.fmt} format)"
-        return f"{text}; {self.head_note}" if self.head_replaced else text
 
 
 def canonical_name(path: tuple[Any, ...]) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -10,24 +9,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from shared_data.swin_weights import WeightsFormatError, canonicalize, read_weights
+from shared_data.swin_weights import LoadReport, WeightsFormatError, canonicalize, read_weights
 
 HEAD_KEYS = ("head.weight", "head.bias")
-
-
-@dataclass
-class LoadReport:
-    """What load_pretrained did: where the weights came from and whether the head was kept at its init."""
-
-    source: str
-    fmt: str
-    loaded: list[str] = field(default_factory=list)
-    head_replaced: bool = False
-    head_note: str = ""
-
-    def __str__(self) -> str:
-        text = f"loaded {len(self.loaded)} tensors from {self.source} ({self.fmt} format)"
-        return f"{text}; {self.head_note}" if self.head_replaced else text
 
 
 def load_pretrained(model: nn.Module, path_or_dict: str | Path | Mapping[str, Any]) -> LoadReport:

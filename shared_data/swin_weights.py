@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -160,3 +161,18 @@ def _to_numpy(value: Any) -> np.ndarray:
         # numpy has no bfloat16; float32 holds every half-precision value exactly.
         value = value.float()
     return value.numpy()
+
+
+@dataclass
+class LoadReport:
+    """What load_pretrained did: where the weights came from and whether the head was kept at its init."""
+
+    source: str
+    fmt: str
+    loaded: list[str] = field(default_factory=list)
+    head_replaced: bool = False
+    head_note: str = ""
+
+    def __str__(self) -> str:
+        text = f"loaded {len(self.loaded)} tensors from {self.source} ({self.fmt} format)"
+        return f"{text}; {self.head_note}" if self.head_replaced else text
