@@ -6,6 +6,7 @@ import dataclasses
 import errno
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -14,6 +15,8 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from shared_data.errors import CheckpointError, CheckpointSaveError
+from shared_data.retention import CheckpointInfo, kept_steps
 from shared_data.trash_safe import remove_path, tree_size
 
 KIND = "flax"
@@ -24,29 +27,11 @@ VAL_ACCURACY_METRIC = "val_accuracy"
 # Orbax writes each save into "<step>.orbax-checkpoint-tmp..." and renames it when complete.
 ORBAX_TMP_MARKER = ".orbax-checkpoint-tmp"
 _COMPLETE_MARKER = "_CHECKPOINT_METADATA"
+# Orbax renames retired step folders into this subfolder (CheckpointManagerOptions.todelete_subdir) instead of
+# unlinking their files in place; we then empty and remove it through shared_data.trash_safe.
+RETIRED_SUBDIR = ".retired"
 
 log = logging.getLogger(__name__)
-
-
-class CheckpointError(Exception):
-    """A checkpoint that cannot be restored; the message is one line naming it and why."""
-
-
-class CheckpointSaveError(RuntimeError):
-    """A save that failed (disk full, permissions); the previous complete checkpoint is untouched."""
-
-
-@dataclasses.dataclass(frozen=True)
-class CheckpointInfo:
-    """One checkpoint folder as scripts/checkpoints.py shows it."""
-
-    path: Path
-    step: int
-    epoch: int | None
-    val_accuracy: float | None
-    bytes: int
-    complete: bool
-    kind: str = KIND
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -77,7 +62,7 @@ def list_checkpoints(run_dir: str | Path) -> list[CheckpointInfo]:
         meta = _read_meta(path) or {}
         infos.append(CheckpointInfo(
             path=path, step=int(path.name), epoch=meta.get("epoch"), val_accuracy=meta.get(VAL_ACCURACY_METRIC),
-            bytes=tree_size(path), complete=_is_complete(path),
+            bytes=tree_size(path), complete=_is_complete(path), stack=KIND,
         ))
     return sorted(infos, key=lambda info: info.step)
 
@@ -88,7 +73,7 @@ def leftovers(run_dir: str | Path) -> list[Path]:
     found: list[Path] = []
     folder = checkpoint_dir(run_dir)
     if folder.is_dir():
-        found += [path for path in folder.iterdir() if ORBAX_TMP_MARKER in path.name]
+        found += [path for path in folder.iterdir() if ORBAX_TMP_MARKER in path.name or path.name == RETIRED_SUBDIR]
         for step_dir in folder.iterdir():
             if step_dir.is_dir() and step_dir.name.isdigit():
                 if not (step_dir / _COMPLETE_MARKER).is_file():
@@ -140,34 +125,9 @@ def _first_line(error: BaseException) -> str:
     return text[0][:200] if text else ""
 
 
-class _TrashSafeDeleter:
-    """Orbax's CheckpointDeleter protocol, deleting step folders through shared_data.trash_safe.
-
-    Orbax's own deleter unlinks files in place (or, with todelete_subdir, moves them aside); on a cloud
-    drive both fill the trash with full-size files, so every file is truncated to zero first instead.
-    """
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-
-    def delete(self, step: int) -> None:
-        if jax.process_index() != 0:
-            return
-        for path in self.directory.iterdir():
-            if path.name == str(step) or path.name.startswith(f"{step}{ORBAX_TMP_MARKER}"):
-                remove_step_dir(path)
-
-    def delete_steps(self, steps: Sequence[int]) -> None:
-        for step in steps:
-            self.delete(step)
-
-    def close(self) -> None:
-        pass
-
-
 @dataclasses.dataclass
 class BestAndLatest(checkpoint_managers.PreservationPolicy):
-    """Keep the latest checkpoint and the keep-1 best by validation accuracy (at most `keep` in all).
+    """Orbax's side of shared_data.retention.kept_steps: the latest checkpoint and the keep-1 best by val accuracy.
 
     Orbax's BestN ranks by the metrics passed to save(), which it does not persist: after a restart
     every older checkpoint would look metric-less and the best one be deleted. The accuracy is read
@@ -178,18 +138,14 @@ class BestAndLatest(checkpoint_managers.PreservationPolicy):
     keep: int
 
     def should_preserve(self, checkpoints: Sequence[Any], *, context: Any) -> Sequence[bool]:
-        if not checkpoints:
-            return []
-        latest = max(info.step for info in checkpoints)
-        scored = []
+        pairs = []
         for info in checkpoints:
             accuracy = (info.metrics or {}).get(VAL_ACCURACY_METRIC)
             if accuracy is None:
                 accuracy = (_read_meta(self.directory / str(info.step)) or {}).get(VAL_ACCURACY_METRIC)
-            if accuracy is not None:
-                scored.append((float(accuracy), -info.step))  # on a tie the earlier one, as Lightning keeps
-        best = {-negated for _, negated in sorted(scored, reverse=True)[: max(self.keep - 1, 0)]}
-        return [info.step == latest or info.step in best for info in checkpoints]
+            pairs.append((info.step, None if accuracy is None else float(accuracy)))
+        kept = kept_steps(pairs, self.keep)
+        return [info.step in kept for info in checkpoints]
 
 
 def retention_policy(keep: int, directory: Path) -> checkpoint_managers.PreservationPolicy:
@@ -209,6 +165,33 @@ def _is_disk_full(error: BaseException) -> bool:
     return False
 
 
+class _WithoutOrbaxTraceback(logging.Filter):
+    """Keeps Orbax's error lines but not their tracebacks: a failed save ends in our one-line CheckpointSaveError."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "orbax" in record.pathname:
+            record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return True
+
+
+class _DropClosedLoopErrors:
+    """An unraisable hook that drops one error only: after a failed asynchronous save, TensorStore still completes
+    futures into Orbax's closed event loop, and each "Event loop is closed" is reported as unraisable with a
+    traceback, before and after the failure reaches us. Installed for a Checkpointer's lifetime."""
+
+    def __init__(self) -> None:
+        self.previous = sys.unraisablehook
+
+    def __call__(self, unraisable: Any) -> None:
+        value = unraisable.exc_value
+        if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
+            self.previous(unraisable)
+
+    def uninstall(self) -> None:
+        if sys.unraisablehook is self:
+            sys.unraisablehook = self.previous
+
+
 class Checkpointer:
     """An Orbax CheckpointManager with asynchronous saves, best+latest retention and trash-safe deletion."""
 
@@ -222,11 +205,22 @@ class Checkpointer:
             enable_async_checkpointing=asynchronous,
             # Left False: Orbax would rmtree them itself; remove_leftovers() did it trash-safely above.
             cleanup_tmp_directories=False,
+            # Retired checkpoints are only renamed by Orbax; empty_retired() deletes them trash-safely.
+            todelete_subdir=RETIRED_SUBDIR,
             create=True,
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=(STATE_ITEM, META_ITEM))
-        # No public hook exists for deletion; the manager calls only delete/delete_steps/close on it.
-        self._manager._checkpoint_deleter = _TrashSafeDeleter(self.directory)
+        # Orbax logs a save that fails in its background thread with a traceback through absl, then raises it
+        # to us; while this checkpointer lives, its records keep their message only.
+        self._log_filter = _WithoutOrbaxTraceback()
+        logging.getLogger("absl").addFilter(self._log_filter)
+        self._unraisable_hook = _DropClosedLoopErrors()
+        sys.unraisablehook = self._unraisable_hook
+
+    def empty_retired(self) -> None:
+        """Delete the checkpoints Orbax has retired so far, every file emptied first (process 0 only)."""
+        if jax.process_index() == 0:
+            remove_path(self.directory / RETIRED_SUBDIR)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -236,6 +230,10 @@ class Checkpointer:
         start = time.perf_counter()
         metrics = None if val_accuracy is None else {VAL_ACCURACY_METRIC: float(val_accuracy)}
         try:
+            # One asynchronous save at a time (Orbax would wait here anyway); once it is done, nothing is
+            # renaming into the retired folder while it is emptied.
+            self._manager.wait_until_finished()
+            self.empty_retired()
             self._manager.save(
                 step, metrics=metrics, args=ocp.args.Composite(**{
                     STATE_ITEM: ocp.args.StandardSave(state), META_ITEM: ocp.args.JsonSave(meta)}),
@@ -251,6 +249,7 @@ class Checkpointer:
             self._manager.wait_until_finished()
         except Exception as error:
             self._raise_save_error(None, error)
+        self.empty_retired()
         return time.perf_counter() - start
 
     def _raise_save_error(self, step: int | None, error: BaseException) -> None:
@@ -289,3 +288,7 @@ class Checkpointer:
             self._manager.close()
         except Exception as error:
             self._raise_save_error(None, error)
+        finally:
+            logging.getLogger("absl").removeFilter(self._log_filter)
+            self._unraisable_hook.uninstall()
+        self.empty_retired()

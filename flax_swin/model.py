@@ -11,17 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from shared_data.swin import LAYER_NORM_EPS, MAX_LOGIT_SCALE, SHIFT_MASK_VALUE, is_no_decay
 from shared_data.variants import check_config, effective_window, stage_resolutions, variant_config
 
-LAYER_NORM_EPS = 1e-5
-# Added to attention logits between tokens that came from different regions after the cyclic shift.
-SHIFT_MASK_VALUE = -100.0
-# Upper bound of the learned cosine-attention temperature (the paper clamps at 1 / 0.01).
-MAX_LOGIT_SCALE = math.log(100.0)
 # F.normalize divides by max(norm, eps); the same eps keeps both stacks bitwise-close near zero vectors.
 NORMALIZE_EPS = 1e-12
-# Parameter-name fragments the official optimiser builder excludes from weight decay.
-NO_DECAY_KEYWORDS = ("cpb_mlp", "logit_scale", "absolute_pos_embed")
 
 # torch's trunc_normal_(std=0.02) cuts at +-2 in absolute units, i.e. +-100 standard deviations.
 _TRUNC_NORMAL_002 = nnx.initializers.truncated_normal(stddev=0.02, lower=-100.0, upper=100.0)
@@ -461,26 +455,12 @@ def create_model(name: str, num_classes: int = 1000, rngs: nnx.Rngs | None = Non
     return SwinTransformerV2(num_classes=num_classes, dtype=dtype, rngs=rngs, **variant_config(name, **overrides))
 
 
-def is_no_decay(name: str, param: Any) -> bool:
-    """Official rule: no weight decay for 1-D parameters, biases, cpb_mlp, logit_scale, absolute_pos_embed."""
-    return np.ndim(param) <= 1 or name.endswith(".bias") or any(key in name for key in NO_DECAY_KEYWORDS)
-
-
-def _path_name(path: tuple[Any, ...]) -> str:
-    parts = []
-    for entry in path:
-        for attribute in ("key", "name", "idx"):
-            if hasattr(entry, attribute):
-                parts.append(str(getattr(entry, attribute)))
-                break
-        else:
-            parts.append(str(entry))
-    return ".".join(parts)
-
-
 def decay_mask(params: Any) -> Any:
     """Same-structure bool pytree: True where weight decay applies (see is_no_decay), for optax masks.
 
     `params` is `nnx.state(model, nnx.Param)` or any pytree keyed by the Flax attribute names.
     """
-    return jax.tree_util.tree_map_with_path(lambda path, leaf: not is_no_decay(_path_name(path), leaf), params)
+    def decays(path: tuple[Any, ...], leaf: Any) -> bool:
+        return not is_no_decay(jax.tree_util.keystr(path, simple=True, separator="."), np.ndim(leaf))
+
+    return jax.tree_util.tree_map_with_path(decays, params)

@@ -1,40 +1,22 @@
-"""Callbacks: the shared TensorBoard timing/metric tags, trash-safe checkpoint retention, non-finite loss stop."""
+"""Callbacks: the shared clock, tags and epoch line with the non-finite loss stop, validation at --max-steps."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
+from pytorch_lightning.callbacks import TQDMProgressBar
 
+from lightning_swin.checkpointing import AtomicCheckpointIO
 from shared_data import tags
-from shared_data.timing import host_peak_mb
-from shared_data.trash_safe import remove_path
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN or infinite loss; the message names the step."""
-
-
-def _synchronize(module: pl.LightningModule) -> None:
-    """Wait for queued device work, so host clocks measure the computation and not its dispatch."""
-    if module.device.type == "cuda":
-        torch.cuda.synchronize(module.device)
-
-
-def epoch_of_step(trainer: pl.Trainer) -> int:
-    """1-based epoch that the latest optimiser step belongs to (0 before the first step)."""
-    steps_per_epoch = trainer.num_training_batches
-    if trainer.global_step == 0:
-        return 0
-    if not math.isfinite(steps_per_epoch) or steps_per_epoch < 1:
-        return trainer.current_epoch + 1
-    return (trainer.global_step - 1) // int(steps_per_epoch) + 1
+from shared_data.environment import host_peak_mb
+from shared_data.errors import NonFiniteLossError
+from shared_data.run_report import EpochResult
 
 
 class ValidateAtLastStep(pl.Callback):
@@ -42,147 +24,66 @@ class ValidateAtLastStep(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if 0 < trainer.max_steps <= trainer.global_step and not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+        if 0 < trainer.max_steps <= trainer.global_step and batch_idx + 1 < trainer.num_training_batches:
             # A requested stop makes Lightning run the validation loop before leaving the epoch.
             trainer.should_stop = True
 
 
-class NonFiniteLossStop(pl.Callback):
-    """Stop the run at the first non-finite loss, before any checkpoint of the damaged weights is written."""
+@dataclasses.dataclass
+class _StepInFlight:
+    """A finished optimiser step whose loss the host has not read yet (on a GPU: still being computed)."""
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        loss = outputs["loss"].detach()
-        # Every rank must take the same decision, or the healthy ones wait forever at the next all-reduce.
-        bad = trainer.strategy.reduce_boolean_decision(not bool(torch.isfinite(loss)), all=False)
-        if bad:
-            raise NonFiniteLossError(
-                f"non-finite loss ({loss.item()}) at step {trainer.global_step}; stopped. The last checkpoint "
-                "before it is intact: lower --lr, raise --warmup-epochs or use --precision fp32, then --resume"
-            )
+    step: int
+    values: torch.Tensor  # [loss, accuracy], float32, on the host once `ready` has completed
+    ready: torch.cuda.Event | None  # recorded after the copy; None on a CPU, where the step is already done
+    lr: float
 
-
-class TrashSafeModelCheckpoint(ModelCheckpoint):
-    """ModelCheckpoint keeping the best (by val accuracy) and the latest, deleting old files trash-safely.
-
-    Each save gets a new file name (never an overwrite, whose old bytes a cloud drive would keep in
-    its trash); the superseded file is then removed through shared_data.trash_safe.remove_path.
-    """
-
-    CHECKPOINT_NAME_LAST = "last-epoch={epoch_number:03d}-step={step:06d}"
-
-    def __init__(self, dirpath: str | Path, keep: int, every_n_steps: int = 0) -> None:
-        super().__init__(
-            dirpath=str(dirpath), filename="best-epoch={epoch_number:03d}-step={step:06d}-val_accuracy={"
-            + tags.VAL_ACCURACY + ":.4f}", monitor=tags.VAL_ACCURACY, mode="max", save_top_k=keep - 1,
-            save_last=True, auto_insert_metric_name=False, every_n_epochs=1, save_on_train_epoch_end=False,
-            enable_version_counter=False,
-        )
-        self.every_n_steps = every_n_steps
-        self.seconds_saving = 0.0  # running total; the timing callback reads differences
-
-    def _monitor_candidates(self, trainer: pl.Trainer) -> dict[str, torch.Tensor]:
-        candidates = super()._monitor_candidates(trainer)
-        candidates["epoch_number"] = torch.tensor(epoch_of_step(trainer))
-        return candidates
-
-    def _save(self, trainer: pl.Trainer, with_best: bool) -> None:
-        start = time.perf_counter()
-        candidates = self._monitor_candidates(trainer)
-        if with_best:
-            self._save_topk_checkpoint(trainer, candidates)
-        self._save_last_checkpoint(trainer, candidates)
-        self.seconds_saving += time.perf_counter() - start
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_train_start(trainer, pl_module)
-        if trainer.ckpt_path:
-            # The state just restored is already on disk; saving it again would overwrite that file in place.
-            self._last_global_step_saved = trainer.global_step
-
-    def _may_save(self, trainer: pl.Trainer) -> bool:
-        return not self._should_skip_saving_checkpoint(trainer)
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        step = trainer.global_step
-        epoch_end = trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
-        run_end = trainer.max_steps > 0 and step >= trainer.max_steps
-        # The epoch-end save (after validation) and the final save cover those steps.
-        if self.every_n_steps and step % self.every_n_steps == 0 and not epoch_end and not run_end and self._may_save(trainer):
-            self._save(trainer, with_best=False)
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._may_save(trainer):
-            self._save(trainer, with_best=True)
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        pass  # saving happens after validation, which runs every epoch
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # A run stopped by --max-steps between validations still leaves its final state.
-        if self._may_save(trainer):
-            self._save(trainer, with_best=False)
-
-    def _should_remove_checkpoint(self, trainer: pl.Trainer, previous: str, current: str) -> bool:
-        # Unlike the parent, also retire the file this run resumed from once newer ones exist.
-        if Path(previous).absolute() == Path(current).absolute() or self.dirpath is None:
-            return False
-        return Path(self.dirpath).absolute() in Path(previous).absolute().parents
-
-    def _remove_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
-        if trainer.is_global_zero:
-            remove_path(filepath)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # Track the files by name in this folder, so a run moved or resumed from another directory
-        # still retires its old checkpoints.
-        folder = Path(self.dirpath) if self.dirpath else None
-
-        def here(path: str) -> str:
-            return str(folder / Path(path).name) if path and folder is not None else path
-
-        state = dict(state_dict, dirpath=self.dirpath)
-        state["best_k_models"] = {here(p): v for p, v in state_dict.get("best_k_models", {}).items()}
-        for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
-            if key in state:
-                state[key] = here(state[key])
-        super().load_state_dict(state)
-
-
-class ProgressBar(TQDMProgressBar):
-    """Lightning's tqdm bar (rate and ETA) without the logger version number, which is always empty here."""
-
-    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
-        metrics = super().get_metrics(trainer, pl_module)
-        metrics.pop("v_num", None)
-        return metrics
+    def read(self) -> tuple[float, float]:
+        """(loss, accuracy), waiting for this step's work only: not for the steps queued after it."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        loss, accuracy = self.values.tolist()
+        return loss, accuracy
 
 
 class TimingAndMetrics(pl.Callback):
-    """Writes every shared TensorBoard tag with the shared step axes, and a one-line summary per epoch."""
+    """The clock of shared_data.tags and every shared tag, the non-finite loss stop, and each epoch's line.
 
-    def __init__(self, global_batch_size: int, num_val_images: int, checkpoint: TrashSafeModelCheckpoint | None = None) -> None:
-        self.global_batch_size = global_batch_size
+    Like the Flax loop it keeps one step in flight: step k's loss is read once step k+1 has been queued (at
+    the end of k+1's batch), through a CUDA event on a GPU, so no callback synchronises the device per step.
+    A step is read at once where the next thing needs it finished: a step checkpoint, the validation, the
+    end of the run. `history` holds one shared_data.run_report entry per validated epoch and travels in the
+    checkpoints; seconds spent saving come from `checkpoint_io`, which every save goes through.
+    """
+
+    def __init__(self, config: dict[str, Any], num_val_images: int, steps_per_epoch: int, total_steps: int,
+                 checkpoint_io: AtomicCheckpointIO) -> None:
+        self.global_batch_size = config["batch_size"]
+        self.step_tags = config["step_timing"] == "on"
+        self.every_n_steps = config["checkpoint_every_steps"]
         self.num_val_images = num_val_images
-        self.checkpoint = checkpoint
-        self.epochs: list[dict[str, float]] = []  # per finished epoch, for summary.json
-        self.last_step = 0
-        self._first_step_logged = False
+        self.steps_per_epoch = steps_per_epoch
+        self.total_steps = total_steps
+        self.epochs = math.ceil(total_steps / steps_per_epoch)
+        self.checkpoint_io = checkpoint_io
+        self.history: list[dict[str, float]] = []
+        self.last_loss: float | None = None  # shown by the progress bar
+        self._in_flight: _StepInFlight | None = None
         self._reset_epoch(time.perf_counter())
 
     def _reset_epoch(self, now: float) -> None:
-        self._epoch_start = now
-        self._previous_end = now
-        self._train_end = now
+        self._epoch_start = self._last_done = self._train_end = self._val_start = now
         self._steps = 0
         self._losses: list[float] = []
-        self._val_time: float | None = None
-        self._checkpoint_seconds_at_start = self._checkpoint_seconds()
-        self._checkpoint_seconds_seen = self._checkpoint_seconds_at_start
+        self._result: EpochResult | None = None
+        self._saving_at_start = self._saving_seen = self.checkpoint_io.seconds_saving
+        self._fetch_seen: float | None = None
 
-    def _checkpoint_seconds(self) -> float:
-        return self.checkpoint.seconds_saving if self.checkpoint is not None else 0.0
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = list(state_dict["history"])
 
     @staticmethod
     def _write(trainer: pl.Trainer, values: dict[str, float], step: int) -> None:
@@ -192,108 +93,124 @@ class TimingAndMetrics(pl.Callback):
         for tag, value in values.items():
             writer.add_scalar(tag, value, step)
 
+    @staticmethod
+    def _fetch_seconds(trainer: pl.Trainer) -> float:
+        """Host seconds the training loader has spent obtaining batches so far (see datamodule.ResumableLoader)."""
+        return getattr(trainer.train_dataloader, "fetch_seconds", 0.0)
+
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        _synchronize(pl_module)
         self._reset_epoch(time.perf_counter())
+        self._fetch_seen = self._fetch_seconds(trainer)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        _synchronize(pl_module)
-        self._step_start = time.perf_counter()
-        # A step-triggered checkpoint save ran after the previous step; it is not time spent waiting for data.
-        saving = self._checkpoint_seconds() - self._checkpoint_seconds_seen
-        self._checkpoint_seconds_seen = self._checkpoint_seconds()
-        self._data_wait = max(self._step_start - self._previous_end - saving, 0.0)
-        self._lr = trainer.optimizers[0].param_groups[0]["lr"]
+        self._lr = trainer.optimizers[0].param_groups[0]["lr"]  # the rate this step's update uses
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        _synchronize(pl_module)
-        end = time.perf_counter()
-        compute = end - self._step_start
-        self._previous_end = self._train_end = end
-        # The global batch's values: the mean over ranks of equal shards.
-        loss = float(trainer.strategy.reduce(outputs["loss"].detach().float(), reduce_op="mean"))
-        accuracy = float(trainer.strategy.reduce(outputs["accuracy"].float(), reduce_op="mean"))
+        # The global batch's values: the mean over ranks of equal shards (queued, like the step itself).
+        values = torch.stack([trainer.strategy.reduce(outputs["loss"].detach().float(), reduce_op="mean"),
+                              trainer.strategy.reduce(outputs["accuracy"].float(), reduce_op="mean")])
+        ready = None
+        if values.is_cuda:
+            values = values.to("cpu", non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        previous, self._in_flight = self._in_flight, _StepInFlight(trainer.global_step, values, ready, self._lr)
+        if previous is not None:
+            self._finish(trainer, previous)
         step = trainer.global_step
-        self.last_step = step
+        saves_now = (self.every_n_steps and step % self.every_n_steps == 0
+                     and batch_idx + 1 < trainer.num_training_batches and step < self.total_steps)
+        if saves_now:  # the step checkpoint saved after this hook must not hold a non-finite state
+            self._finish_in_flight(trainer)
+
+    def _finish_in_flight(self, trainer: pl.Trainer) -> None:
+        if self._in_flight is not None:
+            self._finish(trainer, self._in_flight)
+            self._in_flight = None
+
+    def _finish(self, trainer: pl.Trainer, done: _StepInFlight) -> None:
+        """Read a step's loss, stop on a non-finite one, and write the step tags (step time excludes saving)."""
+        loss, accuracy = done.read()
+        now = time.perf_counter()
+        saving = self.checkpoint_io.seconds_saving - self._saving_seen
+        fetch = self._fetch_seconds(trainer)
+        data_wait = max(fetch - (self._fetch_seen if self._fetch_seen is not None else fetch), 0.0)
+        step_s = max(now - self._last_done - saving, 0.0)
+        self._last_done, self._saving_seen, self._fetch_seen, self._train_end = now, self.checkpoint_io.seconds_saving, fetch, now
+        if not math.isfinite(loss):
+            # The loss is the mean over ranks, so every rank sees the same value and stops at the same step.
+            raise NonFiniteLossError.at_step(done.step, loss, self.checkpoint_io.last_saved)
         self._steps += 1
         self._losses.append(loss)
-        values = {
-            tags.TRAIN_LOSS: loss, tags.TRAIN_ACCURACY: accuracy, tags.TRAIN_LR: self._lr,
-            tags.STEP_TIME: self._data_wait + compute, tags.DATA_WAIT_TIME: self._data_wait, tags.COMPUTE_TIME: compute,
-        }
-        if not self._first_step_logged:
-            values[tags.FIRST_STEP_TIME] = self._data_wait + compute
-            self._first_step_logged = True
-        self._write(trainer, values, step)
+        self.last_loss = loss
+        if self.step_tags:
+            values = {tags.TRAIN_LOSS: loss, tags.TRAIN_ACCURACY: accuracy, tags.TRAIN_LR: done.lr,
+                      tags.STEP_TIME: step_s, tags.DATA_WAIT_TIME: data_wait, tags.COMPUTE_TIME: step_s - data_wait}
+            if done.step == 1:
+                values[tags.FIRST_STEP_TIME] = step_s
+            self._write(trainer, values, done.step)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        _synchronize(pl_module)
+        self._finish_in_flight(trainer)
         self._val_start = time.perf_counter()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._finish_in_flight(trainer)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        _synchronize(pl_module)
-        self._val_time = time.perf_counter() - self._val_start
+        metrics = trainer.callback_metrics
+        val_loss, val_accuracy = float(metrics[tags.VAL_LOSS]), float(metrics[tags.VAL_ACCURACY])
+        val_accuracy_top5 = float(metrics[tags.VAL_ACCURACY_TOP5])  # on the host: the pass is over
+        epoch_first = trainer.current_epoch * self.steps_per_epoch
+        # Saving and the epoch's end are still to come; their times are filled in on_train_epoch_end.
+        self._result = EpochResult(
+            epoch=trainer.current_epoch + 1, step=trainer.global_step, steps_timed=self._steps,
+            epoch_steps=min(self.steps_per_epoch, self.total_steps - epoch_first),
+            train_loss=statistics.fmean(self._losses) if self._losses else float("nan"),
+            train_time_s=self._train_end - self._epoch_start, train_images=self._steps * self.global_batch_size,
+            val_loss=val_loss, val_accuracy=val_accuracy, val_accuracy_top5=val_accuracy_top5,
+            val_time_s=time.perf_counter() - self._val_start, val_images=self.num_val_images,
+            checkpoint_time_s=0.0, wall_time_s=0.0,
+        )
+        # Now, not at the epoch's end: the epoch-end checkpoints (ModelCheckpoints run after this) must hold it.
+        self.history.append(self._result.history_entry())
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        epoch = trainer.current_epoch + 1
-        train_time = self._train_end - self._epoch_start
-        checkpoint_time = self._checkpoint_seconds() - self._checkpoint_seconds_at_start
-        images = self._steps * self.global_batch_size
-        record: dict[str, float] = {
-            tags.EPOCH_TRAIN_TIME: train_time,
-            tags.EPOCH_TRAIN_IMAGES_PER_S: images / train_time if train_time > 0 else 0.0,
-            tags.EPOCH_CHECKPOINT_TIME: checkpoint_time,
-            tags.HOST_PEAK_MB: host_peak_mb(),
-        }
+        if self._result is None:
+            # Not validated in this process: a resumed run replays the end of the epoch its checkpoint closed.
+            return
+        result = dataclasses.replace(
+            self._result, checkpoint_time_s=self.checkpoint_io.seconds_saving - self._saving_at_start,
+            wall_time_s=time.perf_counter() - self._epoch_start,
+        )
+        values = dict(result.scalars(), **{tags.HOST_PEAK_MB: host_peak_mb()})
         if pl_module.device.type == "cuda":
-            record[tags.DEVICE_PEAK_MB] = torch.cuda.max_memory_allocated(pl_module.device) / 2**20
-        metrics = trainer.callback_metrics
-        if self._val_time is not None and tags.VAL_ACCURACY in metrics:
-            record.update({
-                tags.EPOCH_VAL_TIME: self._val_time,
-                tags.EPOCH_VAL_IMAGES_PER_S: self.num_val_images / self._val_time if self._val_time > 0 else 0.0,
-                tags.VAL_LOSS: float(metrics[tags.VAL_LOSS]),
-                tags.VAL_ACCURACY: float(metrics[tags.VAL_ACCURACY]),
-                tags.VAL_ACCURACY_TOP5: float(metrics[tags.VAL_ACCURACY_TOP5]),
-            })
-        _synchronize(pl_module)
-        record[tags.EPOCH_WALL_TIME] = time.perf_counter() - self._epoch_start
-        self._write(trainer, record, epoch)
-        record["epoch"] = epoch
-        record["train_loss"] = statistics.fmean(self._losses) if self._losses else math.nan
-        self.epochs.append(record)
-        if trainer.is_global_zero:
-            self._print_summary(trainer, record)
-
-    def _print_summary(self, trainer: pl.Trainer, record: dict[str, float]) -> None:
-        val = (f"val loss {record[tags.VAL_LOSS]:.4f} | val acc {record[tags.VAL_ACCURACY]:.2%} | "
-               f"val {record[tags.EPOCH_VAL_IMAGES_PER_S]:.1f} img/s | " if tags.VAL_ACCURACY in record else "")
-        steps_per_epoch = trainer.num_training_batches
-        epochs = trainer.max_epochs
-        if trainer.max_steps > 0 and math.isfinite(steps_per_epoch) and steps_per_epoch > 0:
-            epochs = min(epochs, math.ceil(trainer.max_steps / steps_per_epoch))
-        line = (f"epoch {record['epoch']}/{epochs} | train loss {record['train_loss']:.4f} | {val}"
-                f"train {record[tags.EPOCH_TRAIN_IMAGES_PER_S]:.1f} img/s | {record[tags.EPOCH_WALL_TIME]:.1f} s")
-        bar = trainer.progress_bar_callback
-        if bar is not None:
-            bar.print(line)
+            values[tags.DEVICE_PEAK_MB] = torch.cuda.max_memory_allocated(pl_module.device) / 2**20
+        self._write(trainer, values, result.epoch)
+        if not trainer.is_global_zero:
+            return
+        if trainer.progress_bar_callback is not None:
+            trainer.progress_bar_callback.print(result.line(self.epochs))
         else:
-            print(line, flush=True)
+            print(result.line(self.epochs), flush=True)
 
-    def summary(self) -> dict[str, Any]:
-        """Run-level figures for summary.json (medians over the epochs of this process)."""
-        def median(tag: str) -> float | None:
-            values = [e[tag] for e in self.epochs if tag in e]
-            return statistics.median(values) if values else None
 
-        val_accuracies = [e[tags.VAL_ACCURACY] for e in self.epochs if tags.VAL_ACCURACY in e]
-        return {
-            "final_val_accuracy": val_accuracies[-1] if val_accuracies else None,
-            "images_per_s": {"train": median(tags.EPOCH_TRAIN_IMAGES_PER_S), "val": median(tags.EPOCH_VAL_IMAGES_PER_S)},
-            "steps": self.last_step,
-        }
+class ProgressBar(TQDMProgressBar):
+    """Lightning's tqdm bar (rate and ETA) showing the last loss the timing callback read (reading it here would
+    synchronise the device every step) and without the logger version number, which is always empty here."""
+
+    def __init__(self, timing: TimingAndMetrics) -> None:
+        super().__init__()
+        self.timing = timing
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        if self.timing.last_loss is not None:
+            metrics["loss"] = f"{self.timing.last_loss:.4f}"
+        return metrics

@@ -1,74 +1,73 @@
-"""Atomic, trash-safe Lightning checkpoint files, and the list/verify/leftovers helpers for scripts/checkpoints.py."""
+"""Lightning checkpoint files: atomic trash-safe IO, the best-and-latest ModelCheckpoints, pruning, list/verify."""
 
 from __future__ import annotations
 
 import errno
 import io
 import re
+import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
+import pytorch_lightning as pl
 import torch
-from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.plugins.io import TorchCheckpointIO
 
+from shared_data import retention, tags
+from shared_data.errors import CheckpointError, CheckpointSaveError
+from shared_data.retention import CheckpointInfo
 from shared_data.trash_safe import atomic_write_bytes, remove_path
 
+STACK = "lightning"
 CHECKPOINT_DIR = "checkpoints"
 SUFFIX = ".ckpt"
+# File names (1-based epoch, global step): the best by val accuracy, and the latest (after a validation, or of the
+# every-N-steps saves, which never save a step a validation follows, so the two never share a name).
+BEST_NAME = "best-epoch={epoch:03d}-step={step:06d}-val_accuracy={" + tags.VAL_ACCURACY + ":.4f}"
+LATEST_NAME = "last-epoch={epoch:03d}-step={step:06d}"
 # shared_data.trash_safe.atomic_write_bytes writes to ".<name>.<random>.tmp" and renames it into place,
 # so anything with that shape is a save that never finished.
 _PARTIAL = re.compile(r"^\.(?P<name>.+)\.[^.]+\.tmp$")
-# best-epoch=003-step=000120-val_accuracy=0.4563.ckpt / last-epoch=003-step=000120.ckpt
+# best-epoch=003-step=000120-val_accuracy=0.4563.ckpt / last-epoch=003-step=000120.ckpt, and "-v1" where
+# ModelCheckpoint's version counter kept a save from overwriting a file of the same name.
 _NAME = re.compile(
     r"^(?P<role>best|last)-epoch=(?P<epoch>\d+)-step=(?P<step>\d+)"
-    r"(?:-val_accuracy=(?P<acc>[0-9.]+))?(?:-v\d+)?\.ckpt$"
+    r"(?:-val_accuracy=(?P<acc>[0-9.]+))?(?:-v(?P<version>\d+))?\.ckpt$"
 )
 # What a checkpoint must hold for Trainer.fit(ckpt_path=...) to continue from it.
 _REQUIRED_KEYS = ("state_dict", "optimizer_states", "lr_schedulers", "loops", "global_step", "epoch")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be restored; the message names the file and the reason in one line."""
-
-
-class CheckpointDiskFullError(OSError):
-    """The disk filled up during a save; the previous checkpoints are untouched."""
-
-
-@dataclass(frozen=True)
-class CheckpointInfo:
-    """One checkpoint file as seen on disk (parsed from its name; nothing is loaded)."""
-
-    path: Path
-    step: int | None
-    epoch: int | None  # 1-based epoch its last optimiser step belongs to
-    val_accuracy: float | None  # set for "best" checkpoints, saved right after a validation
-    bytes: int
-    complete: bool
-    kind: str = "lightning"
-    role: str | None = None  # "best" or "last"
-
-
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoint files written whole or not at all, and deleted by truncating them first."""
+    """Checkpoint files written whole or not at all, deleted by truncating them first; counts the seconds saving."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        # Every save of every ModelCheckpoint comes through here: the one clock of epoch/checkpoint_time_s.
+        self.seconds_saving = 0.0
+        self.last_saved: Path | None = None  # the newest complete file this process wrote
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError("AtomicCheckpointIO.save_checkpoint takes no storage_options")
+        start = time.perf_counter()
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
         try:
             atomic_write_bytes(path, buffer.getbuffer())
+            self.last_saved = Path(path)
         except OSError as error:
             if error.errno == errno.ENOSPC:
-                raise CheckpointDiskFullError(
-                    errno.ENOSPC,
+                raise CheckpointSaveError(
                     f"no space left on device while saving {path}; the previous checkpoints are intact: "
-                    "free some space, then continue with --resume",
+                    "free some space, then continue with --resume"
                 ) from None
-            raise
+            raise CheckpointSaveError(f"saving {path} failed ({error.strerror or error}); the previous checkpoints "
+                                      "are intact") from error
+        finally:
+            self.seconds_saving += time.perf_counter() - start
 
     def load_checkpoint(self, path: str | Path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         # Our own files hold optimiser, loop and RNG states, which the weights-only unpickler refuses.
@@ -78,24 +77,76 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         remove_path(path)
 
 
+class EveryNStepsCheckpoint(ModelCheckpoint):
+    """Stock ModelCheckpoint(every_n_train_steps=N), except at the last step of an epoch or of the run.
+
+    Those steps are saved after their validation by the other callbacks; a file from before a validation would
+    resume past it (Lightning does not validate again on restoring it).
+    """
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        epoch_end = batch_idx + 1 >= trainer.num_training_batches
+        run_end = 0 < trainer.max_steps <= trainer.global_step
+        if not (epoch_end or run_end):
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+
+def checkpoint_callbacks(dirpath: str | Path, keep: int, every_n_steps: int = 0) -> list[ModelCheckpoint]:
+    """ModelCheckpoints for the best-and-latest rule: the latest and the keep-1 best by val accuracy, saved after
+    each validation, plus the latest of every `every_n_steps` steps when that is > 0.
+
+    Each deletes the files it supersedes through the strategy's CheckpointIO, and none overwrites a file (the
+    version counter picks a new name). What they leave beside the rule (the file a run resumed from, the last
+    step-save) goes in prune_checkpoints() after the fit.
+    """
+    common = dict(dirpath=str(dirpath), auto_insert_metric_name=False, save_on_train_epoch_end=False)
+    # The highest step is the latest; after validation, not at the train epoch's end, so it holds the epoch's metrics.
+    callbacks = [ModelCheckpoint(filename=LATEST_NAME, monitor="step", mode="max", save_top_k=1, every_n_epochs=1,
+                                 **common)]
+    if keep > 1:
+        callbacks.append(ModelCheckpoint(filename=BEST_NAME, monitor=tags.VAL_ACCURACY, mode="max", save_top_k=keep - 1,
+                                         every_n_epochs=1, **common))
+    if every_n_steps > 0:
+        callbacks.append(EveryNStepsCheckpoint(filename=LATEST_NAME, save_top_k=1, every_n_train_steps=every_n_steps,
+                                               **common))
+    return callbacks
+
+
+def prune_checkpoints(run_dir: str | Path, keep: int, damaged: Iterable[str | Path] = ()) -> list[Path]:
+    """Delete, trash-safely, the `damaged` files and the checkpoints shared_data.retention does not keep
+    (kept_checkpoints: the newest step's "last" file and the "best" file of each of the keep-1 best steps).
+    Returns what was removed."""
+    removed = [Path(path) for path in damaged if Path(path).exists()]
+    infos = [info for info in list_checkpoints(run_dir) if info.complete and info.path not in removed]
+    kept = {info.path for info in retention.kept_checkpoints(infos, keep)}
+    removed += [info.path for info in infos if info.path not in kept]
+    for path in removed:
+        remove_path(path)
+    return removed
+
+
 def checkpoint_dir(run_dir: str | Path) -> Path:
     """Where a run keeps its checkpoints."""
     return Path(run_dir) / CHECKPOINT_DIR
 
 
+def _parse(path: Path) -> re.Match[str] | None:
+    """The fields of a checkpoint file's name (of the file being written, for an unfinished save)."""
+    partial = _PARTIAL.match(path.name)
+    return _NAME.match(partial.group("name") if partial else path.name)
+
+
 def _info(path: Path, complete: bool) -> CheckpointInfo:
-    name = path.name
-    if not complete:
-        partial = _PARTIAL.match(name)
-        name = partial.group("name") if partial else name
-    match = _NAME.match(name)
+    match = _parse(path)
     size = path.stat().st_size if path.is_file() else 0
     if match is None:
-        return CheckpointInfo(path=path, step=None, epoch=None, val_accuracy=None, bytes=size, complete=complete)
+        return CheckpointInfo(path=path, step=None, epoch=None, val_accuracy=None, bytes=size, complete=complete,
+                              stack=STACK)
     acc = match.group("acc")
     return CheckpointInfo(
         path=path, step=int(match.group("step")), epoch=int(match.group("epoch")),
-        val_accuracy=float(acc) if acc is not None else None, bytes=size, complete=complete,
+        val_accuracy=float(acc) if acc is not None else None, bytes=size, complete=complete, stack=STACK,
         role=match.group("role"),
     )
 
@@ -114,9 +165,13 @@ def list_checkpoints(run_dir: str | Path) -> list[CheckpointInfo]:
     return sorted(found, key=_recency)
 
 
-def _recency(info: CheckpointInfo) -> tuple[int, int, str]:
-    """Order by step; at equal steps a "last" checkpoint counts as newer than a "best" one."""
-    return (info.step if info.step is not None else -1, 1 if info.role == "last" else 0, info.path.name)
+def _recency(info: CheckpointInfo) -> tuple[int, int, int]:
+    """Order by step; at equal steps a "last" checkpoint counts as newer than a "best" one, and of two versions
+    of one name the later as newer."""
+    match = _parse(info.path)
+    if match is None:
+        return (-1, -1, 0)
+    return (info.step, 1 if info.role == "last" else 0, int(match.group("version") or 0))
 
 
 def verify_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -161,13 +216,16 @@ def clean_leftovers(run_dir: str | Path) -> list[Path]:
     return removed
 
 
-def latest_resumable(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint that loads; damaged ones are skipped with a warning naming them."""
+def resume_point(run_dir: str | Path) -> tuple[Path | None, list[Path]]:
+    """The newest complete checkpoint that loads (None if none does), and the newer damaged ones it skipped,
+    each named in a warning."""
+    damaged = []
     for info in reversed([c for c in list_checkpoints(run_dir) if c.complete]):
         try:
             verify_checkpoint(info.path)
         except CheckpointError as error:
             warnings.warn(f"skipping damaged checkpoint: {error}", stacklevel=2)
+            damaged.append(info.path)
             continue
-        return info.path
-    return None
+        return info.path, damaged
+    return None, damaged

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any, Iterator
 
 import numpy as np
@@ -85,7 +86,8 @@ class EpochBatchSampler(Sampler):
 
 
 class ResumableLoader(DataLoader):
-    """A DataLoader that records how many batches the training loop took, so a checkpoint can resume after them.
+    """A DataLoader that records how many batches the training loop took, so a checkpoint can resume after them,
+    and the host seconds spent obtaining them (`fetch_seconds`, the data wait of shared_data.tags' clock).
 
     Lightning saves `state_dict()` in every checkpoint and feeds it back through `load_state_dict()`
     before iterating again (it treats any loader with these two methods as resumable).
@@ -95,11 +97,18 @@ class ResumableLoader(DataLoader):
         super().__init__(dataset, batch_size=None, sampler=sampler, **kwargs)
         self._epoch = sampler.epoch
         self._next_index = sampler.start
+        self.fetch_seconds = 0.0  # running total over this loader's life
 
     def __iter__(self) -> Iterator[Any]:
         sampler: EpochBatchSampler = self.sampler
         self._epoch, self._next_index = sampler.epoch, sampler.start
-        for batch in super().__iter__():
+        batches = super().__iter__()
+        while True:
+            started = time.perf_counter()
+            batch = next(batches, None)
+            self.fetch_seconds += time.perf_counter() - started
+            if batch is None:
+                return
             # The worker prefetch runs ahead of this; what was handed to the loop is what counts.
             self._next_index += 1
             yield batch

@@ -9,15 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from shared_data.swin import LAYER_NORM_EPS, MAX_LOGIT_SCALE, SHIFT_MASK_VALUE, is_no_decay
 from shared_data.variants import check_config, effective_window, stage_resolutions, variant_config
 
-LAYER_NORM_EPS = 1e-5
-# Added to attention logits between tokens that came from different regions after the cyclic shift.
-SHIFT_MASK_VALUE = -100.0
-# Upper bound of the learned cosine-attention temperature (the paper clamps at 1 / 0.01).
-MAX_LOGIT_SCALE = math.log(100.0)
-# Parameter-name fragments the official optimiser builder excludes from weight decay.
-NO_DECAY_KEYWORDS = ("cpb_mlp", "logit_scale", "absolute_pos_embed")
 
 
 def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
@@ -383,17 +377,13 @@ def create_model(name: str, num_classes: int = 1000, **overrides: Any) -> SwinTr
     return SwinTransformerV2(num_classes=num_classes, **variant_config(name, **overrides))
 
 
-def is_no_decay(name: str, param: torch.Tensor) -> bool:
-    """Official rule: no weight decay for 1-D parameters, biases, cpb_mlp, logit_scale, absolute_pos_embed."""
-    return param.ndim <= 1 or name.endswith(".bias") or any(key in name for key in NO_DECAY_KEYWORDS)
-
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Two optimiser groups: decayed parameters with `weight_decay`, and the official no-decay set with 0."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (no_decay if is_no_decay(name, param) else decay).append(param)
+            (no_decay if is_no_decay(name, param.ndim) else decay).append(param)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},

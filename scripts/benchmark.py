@@ -4,22 +4,26 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from tqdm import tqdm
 
 from scripts import compare
-from shared_data import run_config
+from scripts.runs_reader import NotComparableError
+from shared_data import registry, run_config
+from shared_data.environment import RECORDED_LIBRARIES, cpu_description, library_versions
 from shared_data.run_config import DATASETS, PRECISIONS, PRESETS, SYNTHETIC_SIZES
-from shared_data.timing import RECORDED_LIBRARIES, cpu_description, library_versions
+from shared_data.trash_safe import remove_path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TRAINING_SCRIPTS = {
@@ -34,6 +38,13 @@ SHARED_FLAGS = (
     ("img_size", "--img-size"), ("epochs", "--epochs"), ("max_steps", "--max-steps"), ("seed", "--seed"),
     ("num_workers", "--num-workers"), ("synthetic_size", "--synthetic-size"),
 )
+INIT_WEIGHTS = "init-weights.pth"  # --same-init: in the benchmark's log folder
+# The compilation caches each run is given, as environment variable -> sub-folder of its cache folder.
+COMPILE_CACHE_VARIABLES = {
+    "TORCHINDUCTOR_CACHE_DIR": "torchinductor", "TRITON_CACHE_DIR": "triton", "JAX_COMPILATION_CACHE_DIR": "jax",
+}
+WARM_CACHE_FOLDER = "shared"
+LOAD_POLL_S = 5.0
 
 
 class BenchmarkError(Exception):
@@ -63,6 +74,8 @@ def plan_runs(args: argparse.Namespace, logdir: Path) -> list[PlannedRun]:
         value = getattr(args, attribute)
         if value is not None:
             shared += [flag, str(value)]
+    if args.same_init:
+        shared += ["--init-from", str(logdir / INIT_WEIGHTS)]
     variants = [("flax", False)]
     if not args.no_eager:
         variants.append(("lightning", False))
@@ -86,16 +99,90 @@ def plan_runs(args: argparse.Namespace, logdir: Path) -> list[PlannedRun]:
     return planned
 
 
-def prepare_command(args: argparse.Namespace) -> tuple[str, ...]:
-    """scripts/prepare_data.py for the data every run reads, so that no run pays for decoding and caching it."""
+def _resolved(args: argparse.Namespace) -> dict[str, Any]:
+    """The training configuration the shared flags give (data, model and seed are the same for both stacks)."""
     given = {attribute: getattr(args, attribute) for attribute, _ in SHARED_FLAGS}
     try:
-        config = run_config.resolve(given, "flax")  # the data settings are the same for both stacks
+        return run_config.resolve(given, "flax")
     except run_config.ConfigError as error:
         raise BenchmarkError(str(error)) from None
+
+
+def prepare_command(args: argparse.Namespace) -> tuple[str, ...]:
+    """scripts/prepare_data.py for the data every run reads, so that no run pays for decoding and caching it."""
+    config = _resolved(args)
     return (sys.executable, str(PREPARE_SCRIPT), "--dataset", config["dataset"], "--data-dir", str(config["data_dir"]),
             "--img-size", str(config["img_size"]), "--seed", str(config["seed"]),
             "--synthetic-size", config["synthetic_size"])
+
+
+def write_init_weights(args: argparse.Namespace, path: Path) -> Path:
+    """--same-init: one set of initial weights for every run, an official-format PyTorch checkpoint of the model the
+    runs train (the dataset's classes, the run seed), written once."""
+    import torch
+
+    from lightning_swin.model import create_model
+
+    config = _resolved(args)
+    torch.manual_seed(config["seed"])
+    model = create_model(config["model"], num_classes=len(registry.get_spec(config["dataset"]).classes),
+                         img_size=config["img_size"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": model.state_dict()}, path)
+    return path
+
+
+def compile_cache_dirs(logdir: Path, item: PlannedRun, warm: bool) -> dict[str, Path]:
+    """Environment variable -> compile-cache folder of a run: its own under <logdir>/compile-caches/, or with `warm`
+    one set every run shares, so that no run finds what another compiled unless asked to."""
+    folder = logdir / "compile-caches" / (WARM_CACHE_FOLDER if warm else f"{item.stack}-{item.run_name}")
+    return {variable: folder / name for variable, name in COMPILE_CACHE_VARIABLES.items()}
+
+
+def _make_cache_dirs(dirs: dict[str, Path], warm: bool) -> None:
+    """Create the folders: empty ones for a cold run, the shared ones once (kept as they are after) when warm."""
+    for path in dirs.values():
+        if not warm and path.exists():
+            remove_path(path)
+        path.mkdir(parents=True, exist_ok=True)
+
+
+def load_1m() -> float:
+    """The host's 1-minute load average."""
+    return os.getloadavg()[0]
+
+
+def wait_for_quiet(cores: int, max_wait_s: float, *, load: Callable[[], float] = load_1m,
+                   sleep: Callable[[float], None] = time.sleep, say: Callable[[str], None] = print,
+                   poll_s: float = LOAD_POLL_S) -> tuple[float, float]:
+    """(1-minute load, seconds waited): while the load is above `cores`, wait for it to fall, `max_wait_s` at most."""
+    current, waited = load(), 0.0
+    if current > cores and max_wait_s > 0:
+        say(f"host load {current:.2f} is above the {cores} cores: waiting up to {max_wait_s:.0f} s for it to fall ...")
+    while current > cores and waited < max_wait_s:
+        pause = min(poll_s, max_wait_s - waited)
+        sleep(pause)
+        waited += pause
+        current = load()
+    return current, waited
+
+
+def xla_cpu_threads() -> int:
+    """Threads XLA computes with on the CPU: every core unless XLA_FLAGS says otherwise."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if re.search(r"--xla_cpu_multi_thread_eigen=(false|0)\b", flags):
+        return 1
+    given = re.search(r"intra_op_parallelism_threads=(\d+)", flags)
+    return int(given.group(1)) if given else os.cpu_count() or 1
+
+
+@functools.cache
+def stack_threads() -> dict[str, int]:
+    """Threads each stack computes with on the CPU: torch's intra-op threads (measured here, under the same environment
+    the runs inherit) and XLA's."""
+    import torch
+
+    return {"torch_intra_op": torch.get_num_threads(), "xla_cpu": xla_cpu_threads()}
 
 
 def environment() -> dict[str, Any]:
@@ -109,17 +196,19 @@ def _last_line(log: Path) -> str:
     return lines[-1][:300] if lines else "(empty log)"
 
 
-def _call_logged(command: tuple[str, ...], log: Path) -> tuple[int, float]:
-    """(exit code, seconds) of a command whose output goes to `log`."""
+def _call_logged(command: tuple[str, ...], log: Path, env: dict[str, str] | None = None) -> tuple[int, float]:
+    """(exit code, seconds) of a command whose output goes to `log`; `env` is added to this process's environment."""
     start = time.perf_counter()
     with log.open("w") as output:
         returncode = subprocess.call(command, stdout=output, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     return returncode, round(time.perf_counter() - start, 3)
 
 
-def run_planned(planned: list[PlannedRun], logdir: Path, record: dict[str, Any], prepare: tuple[str, ...]) -> None:
-    """Prepare the data, then run each training command in turn; output in <logdir>/logs/, results in benchmark.json."""
+def run_planned(planned: list[PlannedRun], logdir: Path, record: dict[str, Any], prepare: tuple[str, ...], *,
+                warm_caches: bool = False, max_wait_s: float = 120.0) -> None:
+    """Prepare the data, then run each training command in turn, each with its compile caches and after the host
+    has quietened (or `max_wait_s`); output in <logdir>/logs/, results in benchmark.json."""
     logs = logdir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     record_path = logdir / "benchmark.json"
@@ -130,13 +219,21 @@ def run_planned(planned: list[PlannedRun], logdir: Path, record: dict[str, Any],
     record_path.write_text(json.dumps(record, indent=2))
     if returncode != 0:
         raise BenchmarkError(f"prepare_data.py failed (exit {returncode}): {_last_line(log)}; full log: {log}")
+    cores = os.cpu_count() or 1
     for item in (progress := tqdm(planned, desc="benchmark", unit="run")):
         progress.set_postfix_str(f"{item.stack} {item.run_name}")
         log = logs / f"{item.stack}-{item.run_name}.log"
-        load_before = os.getloadavg()[0]  # other work on the machine skews timings: keep the evidence
-        returncode, seconds = _call_logged(item.command, log)
-        record["runs"].append({**asdict(item), "returncode": returncode, "wall_s": seconds, "log": str(log),
-                               "load_average_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)]})
+        caches = compile_cache_dirs(logdir, item, warm_caches)
+        _make_cache_dirs(caches, warm_caches)
+        # Other work on the machine skews timings: wait for it to pass, and keep the evidence.
+        load_before, waited = wait_for_quiet(cores, max_wait_s, load=load_1m, say=tqdm.write)
+        returncode, seconds = _call_logged(item.command, log, {name: str(path) for name, path in caches.items()})
+        record["runs"].append({
+            **asdict(item), "returncode": returncode, "wall_s": seconds, "log": str(log),
+            "load_average_1m": [round(load_before, 2), round(load_1m(), 2)], "waited_s": round(waited, 1),
+            "cores": cores, "contended": load_before > cores, "threads": stack_threads(),
+            "compile_caches": {name: str(path) for name, path in caches.items()},
+        })
         record_path.write_text(json.dumps(record, indent=2))
         if returncode != 0:
             progress.close()
@@ -173,12 +270,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None, help="report folder (default reports/<UTC timestamp>/)")
     parser.add_argument("--force", action="store_true", help="passed to compare.py")
     parser.add_argument("--peak-tflops", type=float, default=None, help="passed to compare.py")
-    parser.add_argument("--dry-run", action="store_true", help="print the commands and stop")
+    parser.add_argument("--same-init", action="store_true",
+                        help=f"write one set of initial weights ({INIT_WEIGHTS} in the log folder: the model, the "
+                             "dataset's classes, the seed) and start every run from it (--init-from), so the report "
+                             "can show both stacks train alike")
+    parser.add_argument("--warm-caches", action="store_true",
+                        help="let every run share one set of TorchInductor, Triton and JAX compile-cache folders "
+                             "(default: each run starts with empty folders of its own, compile-caches/ in the log "
+                             "folder)")
+    parser.add_argument("--max-wait-s", type=float, default=120.0,
+                        help="before each run, wait up to this long for the 1-minute host load to fall to the core "
+                             "count; a run started above it is marked in the report (default 120)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the commands (with each run's compile-cache variables) and stop")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
     if args.no_compile and args.no_eager:
         parser.error("--no-compile with --no-eager leaves no Lightning run to compare with")
+    if args.max_wait_s < 0:
+        parser.error("--max-wait-s must be >= 0")
     return args
 
 
@@ -191,7 +302,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         prepare = prepare_command(args)
         if args.dry_run:
-            print("\n".join(" ".join(command) for command in (prepare, *(item.command for item in planned))))
+            print(" ".join(prepare))
+            for item in planned:
+                caches = compile_cache_dirs(logdir.resolve(), item, args.warm_caches)
+                print(" ".join([*(f"{name}={path}" for name, path in caches.items()), *item.command]))
             return 0
         missing = [str(path) for path in (PREPARE_SCRIPT, *TRAINING_SCRIPTS.values()) if not path.exists()]
         if missing:
@@ -199,10 +313,14 @@ def main(argv: list[str] | None = None) -> int:
         if (logdir / "benchmark.json").exists():
             raise BenchmarkError(f"--logdir {logdir} already holds a benchmark; choose a new folder")
         record = {"created": stamp, "argv": sys.argv if argv is None else ["benchmark.py", *argv],
-                  "environment": environment(), "runs": []}
-        run_planned(planned, logdir.resolve(), record, prepare)
+                  "environment": environment(), "compile_caches": "warm" if args.warm_caches else "cold",
+                  "max_wait_s": args.max_wait_s, "runs": []}
+        if args.same_init:
+            record["same_init"] = str(write_init_weights(args, logdir.resolve() / INIT_WEIGHTS))
+        run_planned(planned, logdir.resolve(), record, prepare, warm_caches=args.warm_caches,
+                    max_wait_s=args.max_wait_s)
         report = compare.compare(logdir.resolve(), out, force=args.force, peak_tflops=args.peak_tflops)
-    except (BenchmarkError, compare.NotComparableError) as error:
+    except (BenchmarkError, NotComparableError) as error:
         raise SystemExit(f"benchmark.py: {error}") from None
     print(f"runs: {logdir}\nreport: {report}")
     return 0

@@ -13,12 +13,15 @@ from typing import Any, Iterable, Sequence
 
 from tqdm import tqdm
 
+from shared_data.retention import CheckpointInfo, kept_checkpoints
+from shared_data.run_config import DEFAULTS
 from shared_data.trash_safe import remove_path, tree_size
 
 STACKS = ("lightning", "flax")
 # Where each stack's list/verify/leftovers helpers live; tests point these at stand-ins.
 BACKEND_MODULES: dict[str, str] = {"lightning": "lightning_swin.checkpointing", "flax": "flax_swin.checkpointing"}
 KEEP_BEST_AND_LATEST = "best-and-latest"
+DEFAULT_KEEP = DEFAULTS["keep_checkpoints"]
 # Verifying a handful of checkpoints is quick; a progress bar only helps past this many.
 _PROGRESS_MIN = 3
 
@@ -120,21 +123,23 @@ def _step(info: Any) -> int:
     return info.step if info.step is not None else -1
 
 
-def select_kept(infos: Sequence[Any], keep_newest: int | None = None) -> list[Any]:
-    """The complete checkpoints a prune keeps: the newest N, or the best by val accuracy and the latest."""
+def select_kept(infos: Sequence[CheckpointInfo], keep_newest: int | None = None,
+                keep: int = DEFAULT_KEEP) -> list[CheckpointInfo]:
+    """The complete checkpoints a prune keeps: the newest N, or the training runs' own rule
+    (shared_data.retention: the latest and the keep-1 best by val accuracy)."""
+    if keep_newest is None:
+        return kept_checkpoints(infos, keep)
     complete = sorted((i for i in infos if i.complete), key=lambda info: (_step(info), str(info.path)))
-    if not complete:
-        return []
-    if keep_newest is not None:
-        return complete[-keep_newest:] if keep_newest > 0 else []
-    kept = [complete[-1]]
-    scored = [i for i in complete if i.val_accuracy is not None]
-    if scored:
-        # Ties go to the later step: same accuracy, more training.
-        best = max(scored, key=lambda info: (info.val_accuracy, _step(info)))
-        if best is not kept[0]:
-            kept.insert(0, best)
-    return kept
+    return complete[-keep_newest:] if keep_newest > 0 else []
+
+
+def run_keep(run: RunFolder) -> int:
+    """The --keep-checkpoints the run was trained with (its config.json), else the training default."""
+    try:
+        keep = json.loads((run.path / "config.json").read_text()).get("keep_checkpoints")
+    except (OSError, ValueError, AttributeError):
+        keep = None
+    return keep if isinstance(keep, int) and keep >= 1 else DEFAULT_KEEP
 
 
 def verify_one(stack: str, info: Any) -> str | None:
@@ -151,7 +156,7 @@ def verify_one(stack: str, info: Any) -> str | None:
 def plan_prune(run: RunFolder, keep_newest: int | None, verify: bool) -> tuple[list[Action], list[str]]:
     """Deletions a prune would make in one run, and notes on what it kept and why."""
     infos = list_run(run)
-    kept = select_kept(infos, keep_newest)
+    kept = select_kept(infos, keep_newest, run_keep(run))
     notes = []
     if verify and kept:
         failed = {str(i.path): reason for i in kept if (reason := verify_one(run.stack, i)) is not None}
@@ -309,10 +314,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("list", "list checkpoints: step, epoch, val accuracy, size, complete or not, and leftovers")
     add("verify", "check that every checkpoint restores; exit 1 if any does not")
-    prune = add("prune", "delete all but the kept checkpoints (default: best by val accuracy and latest)")
+    prune = add("prune", "delete all but the kept checkpoints (default: the run's own rule, best by val accuracy "
+                         "and latest)")
     keep = prune.add_mutually_exclusive_group()
     keep.add_argument("--keep", choices=[KEEP_BEST_AND_LATEST], default=KEEP_BEST_AND_LATEST,
-                      help="keep the best by validation accuracy and the latest (default)")
+                      help="keep what training keeps: the latest and the best by validation accuracy, as many as the "
+                           "run's --keep-checkpoints (default)")
     keep.add_argument("--keep-newest", type=_positive, metavar="N", help="keep the N newest checkpoints instead")
     prune.add_argument("--no-verify", action="store_true",
                        help="do not check that the kept checkpoints restore (by default a kept one that does not "

@@ -1,4 +1,4 @@
-"""The comparison report's PNG figures: step times, epoch times, throughput, learning curves, time breakdown."""
+"""The comparison report's PNG figures: step and epoch times, throughput, learning curves, breakdown, same training."""
 
 from __future__ import annotations
 
@@ -137,4 +137,28 @@ def plot_breakdown(breakdowns: Mapping[str, Mapping[str, float]], path: Path) ->
     axes.set_xlabel("seconds (median over repeats)")
     axes.set_title("Where the time goes")
     axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
+    return _save(figure, path)
+
+
+def plot_same_training(losses: Mapping[str, tuple[np.ndarray, np.ndarray]], compared_steps: int, bound: float,
+                       path: Path) -> Path:
+    """Two runs started from the same weights: their training losses, and the absolute difference per common step
+    against `bound` over the first `compared_steps` common steps."""
+    figure, (loss_axes, difference_axes) = plt.subplots(1, 2, figsize=(12, 4.2))
+    for label, (steps, loss) in losses.items():
+        loss_axes.plot(steps, loss, color=_colour(label), lw=0.9, alpha=0.8, label=label)
+    (steps_a, loss_a), (steps_b, loss_b) = losses.values()
+    common, at_a, at_b = np.intersect1d(steps_a, steps_b, return_indices=True)
+    difference = np.abs(loss_a[at_a] - loss_b[at_b])
+    shown = difference > 0  # a log axis cannot show an exact match
+    difference_axes.plot(common[shown], difference[shown], color="k", lw=0.8, marker=".", ms=3)
+    difference_axes.axhline(bound, color="tab:red", ls="--", lw=0.8, label=f"bound {bound:.0e}".replace("e-0", "e-"))
+    if len(common) > compared_steps:
+        difference_axes.axvline(common[compared_steps - 1] + 0.5, color="k", ls=":", lw=0.5,
+                                label=f"first {compared_steps} common steps")
+    difference_axes.set_yscale("log")
+    loss_axes.set(xlabel="global step", ylabel="training loss", title="Training loss from the same initial weights")
+    difference_axes.set(xlabel="global step", ylabel="|difference|", title="Absolute difference of the losses")
+    for axes in (loss_axes, difference_axes):
+        axes.legend()
     return _save(figure, path)

@@ -1,25 +1,34 @@
-"""Command line: train Swin V2 with PyTorch Lightning on the shared pipeline (see --help)."""
+"""Train Swin V2 with PyTorch Lightning: parse the shared flags, then call lightning_swin.train.train_and_evaluate."""
 
 from __future__ import annotations
 
 import sys
-from typing import Sequence
+from pathlib import Path
 
-from lightning_swin.callbacks import NonFiniteLossError
-from lightning_swin.checkpointing import CheckpointDiskFullError
-from lightning_swin.train import build_parser, parse_config, train
-from shared_data.run_config import ConfigError
+if __package__ in (None, ""):  # run as `python scripts/train_lightning.py`: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lightning_swin.configs import default  # noqa: E402  (light: no torch import before the flags are checked)
+from shared_data import errors, run_config  # noqa: E402
+
+PROG = "train_lightning.py"
+DESCRIPTION = ("Train Swin Transformer V2 with PyTorch Lightning on the shared Imagenette pipeline (DDP over "
+               "--devices x --num-nodes). Run folder: <logdir>/lightning/<run-name>/.")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    config = parse_config(argv)
+def main(argv: list[str] | None = None) -> int:
+    """Check the flags, train, print where the run is; exit 2 on a bad flag, 1 on a failed run, 130 on Ctrl-C."""
+    parser = run_config.build_parser(default.STACK, default.add_stack_flags, DESCRIPTION)
+    args = parser.parse_args(argv)
     try:
-        train(config)
-    except ConfigError as error:
-        build_parser().error(str(error))
-    except (NonFiniteLossError, CheckpointDiskFullError) as error:
-        print(f"train_lightning.py: error: {error}", file=sys.stderr)
-        return 1
+        config = default.resolve(vars(args))
+    except errors.ConfigError as error:
+        parser.error(str(error))
+    from lightning_swin import train  # torch and Lightning are imported only once the flags are known good
+
+    summary = errors.exit_on_error(PROG, lambda: train.train_and_evaluate(config, config["run_dir"]), config["run_name"])
+    if default.is_main_process():
+        print(f"done: best val accuracy {summary['best_val_accuracy']}, run folder {config['run_dir']}", flush=True)
     return 0
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from shared_data import variants
+from shared_data.errors import ConfigError
 from shared_data.trash_safe import atomic_write_json
 
 STACKS = ("lightning", "flax")
@@ -21,6 +22,7 @@ DATASETS = (
     "synthetic",
 )
 PRECISIONS = ("fp32", "bf16")
+STEP_TIMINGS = ("on", "off")
 SYNTHETIC_SIZES = ("tiny", "small", "imagenette")
 NOISY_LABEL_PERCENTS = (0, 1, 5, 25, 50)
 
@@ -53,6 +55,8 @@ DEFAULTS: dict[str, Any] = dict(
     noisy_labels=0,
     strict=False,
     preset=None,
+    init_from=None,  # a weights file to start from (weights only; a fresh optimiser and schedule)
+    step_timing="on",  # "off": only the epoch-level timing tags
 )
 BASE_LR_PER_512 = 5e-4
 WARMUP_START_FACTOR = 1e-3  # warm-up starts at lr / 1000
@@ -72,12 +76,19 @@ PRESETS: dict[str, dict[str, Any]] = {
 # Flags whose change makes a resumed run a different experiment.
 _RESUME_MUST_MATCH = (
     "dataset", "model", "img_size", "batch_size", "lr", "warmup_epochs", "weight_decay",
-    "label_smoothing", "drop_path", "grad_clip", "seed", "precision", "synthetic_size", "noisy_labels",
+    "label_smoothing", "drop_path", "grad_clip", "seed", "precision", "synthetic_size", "noisy_labels", "init_from",
 )
 
 
-class ConfigError(ValueError):
-    """A flag value that cannot work; the message names the flag."""
+def preset_values(preset: str | None, stack_defaults: dict[str, Any]) -> dict[str, Any]:
+    """The shared defaults, a stack's own, and `preset` applied over both (a stack's get_config); raises
+    ConfigError naming --preset when it is unknown. None values are derived later, by resolve()."""
+    values = dict(DEFAULTS, **stack_defaults)
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"--preset: unknown preset {preset!r}; choose one of {', '.join(sorted(PRESETS))}")
+        values.update(PRESETS[preset], preset=preset)
+    return values
 
 
 def build_parser(stack: str, add_stack_flags: Callable[[argparse.ArgumentParser], None] | None = None,
@@ -116,6 +127,11 @@ def build_parser(stack: str, add_stack_flags: Callable[[argparse.ArgumentParser]
     add("--keep-checkpoints", type=int, help=f"checkpoints kept: best by val accuracy and latest (default {d['keep_checkpoints']})")
     add("--checkpoint-every-steps", type=int, help="also checkpoint every N steps (default 0: each epoch end only)")
     add("--num-workers", type=int, help="data loading workers (default min(4, cores))")
+    add("--init-from", metavar="PATH",
+        help="start from these weights (any format the weights readers take: official, timm, torchvision, "
+             "safetensors, a Lightning .ckpt); weights only, with a fresh optimiser and schedule")
+    add("--step-timing", choices=STEP_TIMINGS,
+        help="on: write the per-step timing tags (default); off: the epoch-level tags only")
     if add_stack_flags is not None:
         add_stack_flags(parser)
     return parser
@@ -184,6 +200,11 @@ def _check(config: dict[str, Any]) -> None:
         raise ConfigError(f"--model: unknown variant {config['model']!r}; run with --help for the list")
     if config["dataset"] not in DATASETS:
         raise ConfigError(f"--dataset: unknown dataset {config['dataset']!r}; choose one of {', '.join(DATASETS)}")
+    if config["step_timing"] not in STEP_TIMINGS:
+        raise ConfigError(f"--step-timing must be on or off, got {config['step_timing']!r}")
+    if config["init_from"] is not None and not Path(config["init_from"]).is_file():
+        raise ConfigError(f"--init-from: {config['init_from']} is not a file; give a weights file "
+                          "(.pth, .pt, .bin, .safetensors or a Lightning .ckpt)")
     if config["precision"] not in PRECISIONS:
         raise ConfigError(f"--precision must be fp32 or bf16, got {config['precision']!r}")
     if config["run_name"] is not None and (not config["run_name"] or "/" in config["run_name"]

@@ -26,3 +26,23 @@ def prepared_data(synthetic_data_dir: Path) -> PreparedData:
     """The tiny synthetic dataset decoded at img_size 64 (stored 73 px): 200 train, 100 val images."""
     return prepare_data("synthetic", synthetic_data_dir, 64, seed=SYNTHETIC_SEED, synthetic_size=SYNTHETIC_SIZE,
                         progress=False)
+
+
+@pytest.fixture(scope="session")
+def compilation_cache(tmp_path_factory):
+    """One persistent XLA cache for the session's Flax runs, in-process and in subprocesses: compile each step once."""
+    import jax
+    folder = str(tmp_path_factory.mktemp("jax-cache"))
+    from jax._src import compilation_cache as cache
+
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    before = {name: getattr(jax.config, name) for name in names}
+    for name, value in zip(names, (folder, 0, 0)):
+        jax.config.update(name, value)
+    cache.reset_cache()
+    yield {"JAX_COMPILATION_CACHE_DIR": folder, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    for name, value in before.items():
+        jax.config.update(name, value)
+    cache.reset_cache()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -15,21 +14,11 @@ import pytest
 
 from scripts import checkpoints as tool
 from shared_data import trash_safe
+from shared_data.retention import CheckpointInfo
 
 # ---------------------------------------------------------------------------------------------
 # A stand-in backend with the stacks' contract, so the tool's own logic is pinned without training.
 # File layout: checkpoints/step=<step>-epoch=<epoch>-acc=<acc|none>.ckpt, and ".tmp" leftovers.
-
-
-@dataclasses.dataclass
-class FakeInfo:
-    path: Path
-    step: int
-    epoch: int | None
-    val_accuracy: float | None
-    bytes: int
-    complete: bool
-    kind: str
 
 
 class FakeRestoreError(Exception):
@@ -44,7 +33,7 @@ def _fake_backend(kind: str) -> types.ModuleType:
         for path in sorted((Path(run_dir) / "checkpoints").glob("step=*")):
             fields = dict(part.split("=") for part in path.name.removesuffix(".ckpt").removesuffix(".partial").split("-"))
             acc = None if fields["acc"] == "none" else float(fields["acc"])
-            infos.append(FakeInfo(path, int(fields["step"]), int(fields["epoch"]), acc, path.stat().st_size,
+            infos.append(CheckpointInfo(path, int(fields["step"]), int(fields["epoch"]), acc, path.stat().st_size,
                                   not path.name.endswith(".partial"), kind))
         return infos
 
@@ -154,15 +143,17 @@ def test_verify_passes_when_all_restore(tmp_path, fake_backends, capsys):
     assert "2 of 2 checkpoints restore" in capsys.readouterr().out
 
 
-def test_select_kept_is_best_and_latest_or_newest_n():
+def test_select_kept_is_the_shared_best_and_latest_rule_or_newest_n():
     def info(step, acc, complete=True):
-        return FakeInfo(Path(f"s{step}"), step, 0, acc, 1, complete, "flax")
+        return CheckpointInfo(Path(f"s{step}"), step, 0, acc, 1, complete, "flax")
 
     infos = [info(2, None), info(6, 0.6), info(12, 0.4), info(14, None), info(16, None, complete=False)]
     assert [i.step for i in tool.select_kept(infos)] == [6, 14]
+    assert [i.step for i in tool.select_kept(infos, keep=3)] == [6, 12, 14]
     assert [i.step for i in tool.select_kept(infos, keep_newest=3)] == [6, 12, 14]
-    # The latest being the best keeps just one; ties in accuracy go to the later step.
-    assert [i.step for i in tool.select_kept([info(2, 0.5), info(4, 0.5)])] == [4]
+    # The latest being the best keeps just one; of equal accuracies the earlier step stays, as in both stacks.
+    assert [i.step for i in tool.select_kept([info(2, 0.5), info(4, 0.7)])] == [4]
+    assert [i.step for i in tool.select_kept([info(2, 0.5), info(4, 0.5), info(6, None)])] == [2, 6]
     assert tool.select_kept([info(2, None, complete=False)]) == []
 
 

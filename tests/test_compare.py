@@ -1,4 +1,4 @@
-"""Tests of scripts/compare.py, report_figures.py and model_flops.py on event files written here with known timings."""
+"""Tests of scripts/compare.py and the modules it builds on, on event files written here with known timings."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from tensorboard.util import tensor_util
 from tensorboardX import SummaryWriter
 from tensorboardX.proto import summary_pb2 as tbx_summary
 
-from scripts import compare
+from scripts import compare, device_peaks, run_statistics, runs_reader
 from scripts.model_flops import forward_flops
-from shared_data.timing import cpu_description
+from shared_data.environment import cpu_description
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CPU = "cpu: Test CPU x2 cores"
@@ -39,12 +39,13 @@ def write_fake_run(
     logging_s: float = 0.2,
     startup_s: float = 1.0,
     accuracy: float = 0.5,
+    loss_offset: float = 0.0,
     **config: Any,
 ) -> Path:
     """A run folder as the training scripts write it, whose every timing follows from the arguments.
 
     Each step takes `step_s` (of which `data_wait_s` waiting for data) except step 1, which takes
-    `first_step_s`; an epoch's training time is the sum of its steps.
+    `first_step_s`; an epoch's training time is the sum of its steps. The training loss is 2 / step + `loss_offset`.
     """
     epochs = len(val_times)
     run_dir = logdir / stack / run_name
@@ -52,7 +53,8 @@ def write_fake_run(
     resolved = {
         "stack": stack, "dataset": "synthetic", "model": "swinv2_nano_window4_64", "img_size": 64,
         "batch_size": 8, "precision": "fp32", "epochs": epochs, "seed": 0, "compile": False, "device": CPU,
-        "versions": {"numpy": "test"}, "num_params": 1000, "run_name": run_name, **config,
+        "versions": {"numpy": "test"}, "num_params": 1000, "run_name": run_name, "steps_per_epoch": steps_per_epoch,
+        **config,
     }
     (run_dir / "config.json").write_text(json.dumps(resolved))
     writer = SummaryWriter(logdir=str(run_dir))
@@ -66,7 +68,7 @@ def write_fake_run(
             writer.add_scalar("time/step_s", seconds, step)
             writer.add_scalar("time/data_wait_s", data_wait_s, step)
             writer.add_scalar("time/compute_s", seconds - data_wait_s, step)
-            writer.add_scalar("train/loss", 2.0 / step, step)
+            writer.add_scalar("train/loss", 2.0 / step + loss_offset, step)
             if step == 1:
                 writer.add_scalar("time/first_step_s", seconds, 1)
         val_time = val_times[epoch - 1]
@@ -77,6 +79,7 @@ def write_fake_run(
             ("epoch/train_time_s", train_time), ("epoch/val_time_s", val_time),
             ("epoch/train_images_per_s", images / train_time), ("epoch/val_images_per_s", 100 / val_time),
             ("epoch/checkpoint_time_s", checkpoint_s), ("epoch/wall_time_s", wall),
+            ("epoch/steps_timed", steps_per_epoch),
             ("val/loss", 1.0 / epoch), ("val/accuracy", accuracy * epoch / epochs),
         ):
             writer.add_scalar(tag, value, epoch)
@@ -91,49 +94,66 @@ def write_known_pair(logdir: Path, **config: Any) -> None:
     write_fake_run(logdir, "flax", step_s=0.5, first_step_s=8.5, val_times=(1.5, 0.5, 0.5), **config)
 
 
-def _stats(logdir: Path) -> dict[str, list[compare.RunStats]]:
-    groups, _ = compare.group_runs(compare.find_runs(logdir))
-    return {variant: [compare.run_stats(run) for run in runs] for variant, runs in groups[0].variants.items()}
+def _stats(logdir: Path) -> dict[str, list[run_statistics.RunStats]]:
+    """Each run's figures over the epochs its group can time, as the report computes them."""
+    groups, _ = runs_reader.group_runs(runs_reader.find_runs(logdir))
+    epochs, left_out = groups[0].common_epochs(), set(groups[0].unmeasured_epochs())
+    return {variant: [run_statistics.run_stats(run, epochs, left_out) for run in runs]
+            for variant, runs in groups[0].variants.items()}
 
 
 def test_speedups_match_known_timings_including_and_excluding_first_epoch(tmp_path):
     write_known_pair(tmp_path / "runs")
     stats = _stats(tmp_path / "runs")
-    lightning, flax = stats[compare.EAGER][0], stats[compare.FLAX][0]
+    lightning, flax = stats[runs_reader.EAGER][0], stats[runs_reader.FLAX][0]
     assert (lightning.train_s, lightning.train_excl_first_s) == pytest.approx((16.0, 8.0))
     assert (flax.train_s, flax.train_excl_first_s) == pytest.approx((14.0, 4.0))
 
-    including = compare.speedup([flax.train_s], [lightning.train_s], compare.FLAX, compare.EAGER)
-    excluding = compare.speedup([flax.train_excl_first_s], [lightning.train_excl_first_s], compare.FLAX, compare.EAGER)
-    assert including.faster == excluding.faster == compare.FLAX
-    assert including.percents == pytest.approx([100 * (16 / 14 - 1)])
-    assert excluding.percents == pytest.approx([100.0])
-    validation = compare.speedup([lightning.val_s], [flax.val_s], compare.EAGER, compare.FLAX)
-    assert validation.faster == compare.FLAX and validation.percents == pytest.approx([180.0])
+    including = run_statistics.speedup([flax.train_s], [lightning.train_s], runs_reader.FLAX, runs_reader.EAGER)
+    excluding = run_statistics.speedup([flax.train_excl_first_s], [lightning.train_excl_first_s],
+                                       runs_reader.FLAX, runs_reader.EAGER)
+    assert including.faster == excluding.faster == runs_reader.FLAX
+    assert including.ratios == pytest.approx([16 / 14])
+    assert excluding.ratios == pytest.approx([2.0])
+    validation = run_statistics.speedup([lightning.val_s], [flax.val_s], runs_reader.EAGER, runs_reader.FLAX)
+    assert validation.faster == runs_reader.FLAX and validation.ratios == pytest.approx([2.8])
 
     report = compare.compare(tmp_path / "runs", tmp_path / "report", figures=False).read_text()
-    assert "| Training: Flax vs Lightning eager | Flax is 14% faster than Lightning eager (1 repeat) | " \
-           "Flax is 100% faster than Lightning eager (1 repeat) |" in report
-    assert "| Validation: Flax vs Lightning eager | Flax is 180% faster than Lightning eager (1 repeat) | " \
-           "Flax is 300% faster than Lightning eager (1 repeat) |" in report
+    assert "| Training: Flax vs Lightning eager | Flax is 1.14x faster than Lightning eager (1 repeat) | " \
+           "Flax is 2.00x faster than Lightning eager (1 repeat) |" in report
+    assert "| Validation: Flax vs Lightning eager | Flax is 2.80x faster than Lightning eager (1 repeat) | " \
+           "Flax is 4.00x faster than Lightning eager (1 repeat) |" in report
+
+
+def test_small_speedups_read_as_percents_and_large_ones_as_ratios():
+    def sentence(faster_s: list[float], slower_s: list[float]) -> str:
+        return run_statistics.speedup(faster_s, slower_s, "A", "B").sentence()
+
+    assert sentence([100.0], [104.0]) == "A is 4% faster than B (1 repeat)"
+    assert sentence([100.0], [131.0]) == "A is 1.31x faster than B (1 repeat)"
+    assert sentence([100.0], [2508.0]) == "A is 25.08x faster than B (1 repeat)"
+    assert sentence([100.0], [100.2]) == "A and B take the same time (within 0.5%, 1 repeat(s))"
+    # The spread is in the median's unit; a repeat that the other side won reads below 0% or below 1x.
+    assert sentence([100.0, 100.0, 100.0], [97.0, 105.0, 108.0]) == "A is 5% faster than B (min -3%, max 8%; 3 repeats)"
+    assert sentence([1.0, 1.0, 1.0], [0.9, 2.0, 3.0]) == "A is 2.00x faster than B (min 0.90x, max 3.00x; 3 repeats)"
 
 
 def test_warmup_cost_is_first_step_minus_median_step(tmp_path):
     write_known_pair(tmp_path / "runs")
     stats = _stats(tmp_path / "runs")
-    assert stats[compare.EAGER][0].warmup_s == pytest.approx(4.0)
-    assert stats[compare.FLAX][0].warmup_s == pytest.approx(8.0)
-    assert stats[compare.EAGER][0].median_step_s == pytest.approx(1.0)
+    assert stats[runs_reader.EAGER][0].warmup_s == pytest.approx(4.0)
+    assert stats[runs_reader.FLAX][0].warmup_s == pytest.approx(8.0)
+    assert stats[runs_reader.EAGER][0].median_step_s == pytest.approx(1.0)
 
 
 def test_repeats_give_min_median_max_of_per_repeat_speedups(tmp_path):
     runs = tmp_path / "runs"
     for repeat, lightning_step in enumerate((1.0, 1.5, 2.0)):
-        # Flax's epochs 2-3 take 4 s, Lightning's 8, 12 and 16 s: 100%, 200%, 300% faster excluding epoch 1.
+        # Flax's epochs 2-3 take 4 s, Lightning's 8, 12 and 16 s: 2x, 3x, 4x faster excluding epoch 1.
         write_fake_run(runs, "lightning", f"r{repeat}", step_s=lightning_step, seed=repeat)
         write_fake_run(runs, "flax", f"r{repeat}", step_s=0.5, seed=repeat)
     report = compare.compare(runs, tmp_path / "report", figures=False).read_text()
-    assert "Flax is 200% faster than Lightning eager (min 100%, max 300%; 3 repeats)" in report
+    assert "Flax is 3.00x faster than Lightning eager (min 2.00x, max 4.00x; 3 repeats)" in report
 
 
 def test_lightning_compiled_runs_are_compared_as_their_own_variant(tmp_path):
@@ -142,19 +162,19 @@ def test_lightning_compiled_runs_are_compared_as_their_own_variant(tmp_path):
     write_fake_run(runs, "lightning", "compiled", step_s=0.25, first_step_s=30.0, compile=True)
     report = compare.compare(runs, tmp_path / "report", figures=False).read_text()
     assert "Training: Flax vs Lightning compiled" in report
-    assert "Lightning compiled is 100% faster than Flax" in report  # excluding epoch 1: 2 s vs 4 s
+    assert "Lightning compiled is 2.00x faster than Flax" in report  # excluding epoch 1: 2 s vs 4 s
     assert "Training: Lightning compiled vs Lightning eager" in report
 
 
 def test_time_breakdown_seconds_and_shares_add_up_to_the_run(tmp_path):
     run_dir = write_fake_run(tmp_path / "runs", "lightning")
-    parts = compare.time_breakdown(compare.read_run(run_dir))
+    parts = run_statistics.time_breakdown(runs_reader.read_run(run_dir))
     # 12 steps: 11 x 1 s + one 5 s first step, 0.25 s of each waiting for data; compile = 5 - 1 s.
     assert parts == pytest.approx({
         "data wait": 3.0, "compute": 9.0, "evaluation": 7.0, "checkpoint": 1.5, "compilation": 4.0,
         "logging/other": 0.6, "startup/teardown": 1.0,
     }, abs=1e-4)
-    fractions = compare.shares(parts)
+    fractions = run_statistics.shares(parts)
     assert sum(fractions.values()) == pytest.approx(1.0)
     assert fractions["compute"] == pytest.approx(9.0 / 26.1, rel=1e-4)
 
@@ -169,14 +189,14 @@ def test_breakdown_is_in_the_report_with_seconds_and_shares(tmp_path):
 
 def test_trace_logging_every_other_step_has_its_step_sums_extrapolated(tmp_path):
     run_dir = write_fake_run(tmp_path / "runs", "lightning", steps_per_epoch=4, val_times=(3.0, 2.0))
-    every_point = compare.read_run(run_dir)
-    sparse = compare.Run(run_dir, every_point.config, every_point.summary, {
+    every_point = runs_reader.read_run(run_dir)
+    sparse = runs_reader.Run(run_dir, every_point.config, every_point.summary, {
         tag: [(step, value) for step, value in points if not tag.startswith("time/") or step % 2 == 1]
         for tag, points in every_point.scalars.items()})
-    assert compare.step_coverage(sparse) == pytest.approx(4 / 7)  # steps 1, 3, 5, 7 of 1..7
+    assert run_statistics.step_coverage(sparse) == pytest.approx(4 / 7)  # steps 1, 3, 5, 7 of 1..7
     # Kept: the 5 s first step and three 1 s steps, 0.25 s of data wait each, standing for 7 steps.
-    assert compare.time_breakdown(sparse)["data wait"] == pytest.approx(4 * 0.25 * 7 / 4)
-    assert compare.time_breakdown(every_point)["data wait"] == pytest.approx(8 * 0.25)
+    assert run_statistics.time_breakdown(sparse)["data wait"] == pytest.approx(4 * 0.25 * 7 / 4)
+    assert run_statistics.time_breakdown(every_point)["data wait"] == pytest.approx(8 * 0.25)
 
 
 def test_mismatched_image_size_is_refused_naming_the_field(tmp_path, capsys):
@@ -195,8 +215,8 @@ def test_refusal_names_every_differing_field(tmp_path):
     runs = tmp_path / "runs"
     write_fake_run(runs, "lightning", precision="bf16", device="cuda: NVIDIA H100 80GB HBM3")
     write_fake_run(runs, "flax", precision="fp32", device="cuda: NVIDIA A100-SXM4-80GB")
-    with pytest.raises(compare.NotComparableError, match=r"precision \(bf16 vs fp32\), device \(cuda: NVIDIA H100"):
-        compare.group_runs(compare.find_runs(runs))
+    with pytest.raises(runs_reader.NotComparableError, match=r"precision \(bf16 vs fp32\), device \(cuda: NVIDIA H100"):
+        runs_reader.group_runs(runs_reader.find_runs(runs))
 
 
 def test_one_gpu_counted_or_not_is_the_same_device(tmp_path):
@@ -204,7 +224,7 @@ def test_one_gpu_counted_or_not_is_the_same_device(tmp_path):
     write_fake_run(runs, "lightning", device="cuda: NVIDIA H100 80GB HBM3 x1")
     write_fake_run(runs, "flax", device="cuda: NVIDIA H100 80GB HBM3")
     write_fake_run(runs, "flax", "two-gpus", device="cuda: NVIDIA H100 80GB HBM3 x2")
-    groups, unpaired = compare.group_runs(compare.find_runs(runs))
+    groups, unpaired = runs_reader.group_runs(runs_reader.find_runs(runs))
     assert len(groups) == 1 and [run.path.name for run in unpaired] == ["two-gpus"]
 
 
@@ -237,10 +257,10 @@ def test_common_epochs_only_are_compared_when_runs_differ_in_length(tmp_path):
     runs = tmp_path / "runs"
     write_known_pair(runs)
     write_fake_run(runs, "flax", "longer", step_s=0.5, first_step_s=8.5, val_times=(1.5, 0.5, 0.5, 0.5))
-    groups, _ = compare.group_runs(compare.find_runs(runs))
+    groups, _ = runs_reader.group_runs(runs_reader.find_runs(runs))
     assert groups[0].common_epochs() == 3
-    longer = groups[0].variants[compare.FLAX][1]
-    assert compare.run_stats(longer, 3).train_s == pytest.approx(14.0)
+    longer = groups[0].variants[runs_reader.FLAX][1]
+    assert run_statistics.run_stats(longer, 3).train_s == pytest.approx(14.0)
 
 
 def test_figures_are_written_and_non_empty(tmp_path):
@@ -268,8 +288,9 @@ def test_events_are_read_whole_without_tensorflow(tmp_path):
         import sys
         sys.modules["tensorflow"] = None  # any `import tensorflow` now fails
         from pathlib import Path
-        from scripts import compare
-        scalars = compare.read_scalars(Path({str(run_dir)!r}))["time/step_s"]
+        import scripts.compare  # the whole report stack imports without TensorFlow too
+        from scripts import runs_reader
+        scalars = runs_reader.read_scalars(Path({str(run_dir)!r}))["time/step_s"]
         assert [s for s, _ in scalars] == list(range(1, {points} + 1)), len(scalars)
         assert abs(scalars[-1][1] - {points / 1000}) < 1e-3
         print("ok")
@@ -285,7 +306,7 @@ def test_scalars_stored_as_tensors_by_tf2_style_writers_are_read(tmp_path):
     writer.file_writer.add_summary(
         tbx_summary.Summary.FromString(tb_summary.Summary(value=[value]).SerializeToString()), 3)
     writer.close()
-    assert compare.read_scalars(tmp_path) == {"time/step_s": [(3, 0.25)]}
+    assert runs_reader.read_scalars(tmp_path) == {"time/step_s": [(3, 0.25)]}
 
 
 @pytest.mark.parametrize("model, published_gmacs", [
@@ -298,25 +319,248 @@ def test_forward_flops_match_published_gmacs(model, published_gmacs):
 
 
 def test_gpu_peaks_match_the_most_specific_device_name():
-    assert compare.device_peak_flops("cuda: NVIDIA H100 80GB HBM3", "bf16")[0] == pytest.approx(989.4e12)
-    assert compare.device_peak_flops("cuda: NVIDIA H100 PCIe", "bf16")[0] == pytest.approx(756e12)
-    assert compare.device_peak_flops("cuda: NVIDIA A100-SXM4-80GB", "fp32")[0] == pytest.approx(19.5e12)
-    assert compare.device_peak_flops("cuda: NVIDIA A10", "fp32")[0] == pytest.approx(31.2e12)
-    assert compare.device_peak_flops("cuda: Tesla V100-SXM2-16GB", "bf16") is None
-    assert compare.device_peak_flops("tpu: TPU v5 lite", "bf16") is None
+    assert device_peaks.device_peak_flops("cuda: NVIDIA H100 80GB HBM3", "bf16")[0] == pytest.approx(989.4e12)
+    assert device_peaks.device_peak_flops("cuda: NVIDIA H100 PCIe", "bf16")[0] == pytest.approx(756e12)
+    assert device_peaks.device_peak_flops("cuda: NVIDIA A100-SXM4-80GB", "fp32")[0] == pytest.approx(19.5e12)
+    assert device_peaks.device_peak_flops("cuda: NVIDIA A10", "fp32")[0] == pytest.approx(31.2e12)
+    assert device_peaks.device_peak_flops("cuda: Tesla V100-SXM2-16GB", "bf16") is None
+    assert device_peaks.device_peak_flops("tpu: TPU v5 lite", "bf16") is None
 
 
 def test_mfu_counts_three_forward_passes_per_training_image(tmp_path):
     run_dir = write_fake_run(tmp_path / "runs", "flax", model="swinv2_tiny_window8_256", img_size=256,
                              precision="bf16", device="cuda: NVIDIA H100 80GB HBM3", num_classes=10)
-    mfu, source = compare.model_flops_utilisation(compare.read_run(run_dir), images_per_s=1000.0)
+    mfu, source = run_statistics.model_flops_utilisation(runs_reader.read_run(run_dir), images_per_s=1000.0)
     expected = 3 * forward_flops("swinv2_tiny_window8_256", num_classes=10) * 1000.0 / 989.4e12
     assert mfu == pytest.approx(expected) and "bf16" in source
 
 
 def test_cpu_peak_is_measured_here_only_for_runs_on_this_cpu(monkeypatch):
-    assert 1e8 < compare.measure_cpu_matmul_peak(seconds=0.3, size=256) < 1e14
-    monkeypatch.setattr(compare, "measure_cpu_matmul_peak", lambda: 7e10)
-    assert compare.device_peak_flops(cpu_description(), "fp32")[0] == 7e10
-    assert compare.device_peak_flops("cpu: Another CPU x64 cores", "fp32") is None
-    assert compare.device_peak_flops("cpu: Another CPU x64 cores", "fp32", cpu_peak=5e10)[0] == 5e10
+    assert 1e8 < device_peaks.measure_cpu_matmul_peak("torch", sizes=(128, 256), seconds=0.1) < 1e14
+    monkeypatch.setattr(device_peaks, "measure_cpu_matmul_peak", lambda framework: 7e10)
+    assert device_peaks.device_peak_flops(cpu_description(), "fp32")[0] == 7e10
+    assert device_peaks.device_peak_flops("cpu: Another CPU x64 cores", "fp32") is None
+    assert device_peaks.device_peak_flops("cpu: Another CPU x64 cores", "fp32", cpu_peak=5e10)[0] == 5e10
+
+
+# ---------------------------------------------------------------- resumed runs, trace problems
+
+
+def write_resumed_lightning_run(logdir: Path, step_s: float = 1.0, batch_size: int = 8) -> Path:
+    """A Lightning run of 4 epochs of 4 steps, killed in epoch 3 and resumed, as a buggy writer leaves it.
+
+    The first process trains epochs 1-2 and steps 9-10, then dies. The resumed process restarts at step 10 (its
+    checkpoint was at step 9), logs epoch 2 again with no training time, trains steps 10-12 (so epoch 3's time
+    covers 3 of its 4 steps) and the whole of epoch 4. Every step takes `step_s`.
+    """
+    run_dir = logdir / "lightning" / "r0"
+    run_dir.mkdir(parents=True)
+    config = {"stack": "lightning", "dataset": "synthetic", "model": "swinv2_nano_window4_64", "img_size": 64,
+              "batch_size": batch_size, "precision": "fp32", "epochs": 4, "max_steps": None, "seed": 0,
+              "compile": False, "device": CPU, "steps_per_epoch": 4, "run_name": "r0"}
+    (run_dir / "config.json").write_text(json.dumps(config))
+
+    def steps(writer: SummaryWriter, first: int, last: int) -> None:
+        for step in range(first, last + 1):
+            for tag, value in (("time/step_s", step_s), ("time/data_wait_s", 0.25), ("time/compute_s", step_s - 0.25),
+                               ("train/loss", 2.0 / step)):
+                writer.add_scalar(tag, value, step)
+
+    def epoch(writer: SummaryWriter, number: int, steps_timed: int) -> None:
+        train_time = steps_timed * step_s
+        for tag, value in (("epoch/train_time_s", train_time), ("epoch/val_time_s", 1.0 if steps_timed else 0.0),
+                           ("epoch/train_images_per_s", steps_timed * batch_size / train_time if steps_timed else 0.0),
+                           ("epoch/steps_timed", steps_timed), ("epoch/wall_time_s", train_time + 1.0),
+                           ("val/accuracy", 0.1 * number)):
+            writer.add_scalar(tag, value, number)
+
+    first = SummaryWriter(logdir=str(run_dir))
+    steps(first, 1, 4), epoch(first, 1, 4), steps(first, 5, 8), epoch(first, 2, 4), steps(first, 9, 10)
+    first.close()
+    resumed = SummaryWriter(logdir=str(run_dir), filename_suffix=".resumed")
+    epoch(resumed, 2, 0), steps(resumed, 10, 12), epoch(resumed, 3, 3), steps(resumed, 13, 16), epoch(resumed, 4, 4)
+    resumed.close()
+    return run_dir
+
+
+def test_resumed_run_leaves_partial_and_phantom_epochs_out_and_names_them(tmp_path):
+    runs = tmp_path / "runs"
+    write_resumed_lightning_run(runs, step_s=1.0)
+    write_fake_run(runs, "flax", step_s=0.5, first_step_s=0.5, val_times=(1.0, 1.0, 1.0, 1.0))
+    lightning = runs_reader.read_run(runs / "lightning" / "r0")
+
+    unmeasured = lightning.unmeasured_epochs()
+    assert sorted(unmeasured) == [2, 3]
+    assert unmeasured[2].startswith("no training time")
+    assert unmeasured[3].startswith("partial: 3 of its 4 steps timed")
+    problems = {problem.tag: problem for problem in lightning.trace_problems}
+    assert problems["epoch/train_time_s"].duplicated == (2,) and problems["train/loss"].duplicated == (10,)
+
+    report = compare.compare(runs, tmp_path / "report").read_text()
+    assert "Totals over the first 4 epoch(s) that every run finished, less epoch(s) 2, 3;" in report
+    assert "`lightning/r0` epoch 3 (partial: 3 of its 4 steps timed (split by a resume))" in report
+    assert "`lightning/r0` epoch 2 (no training time" in report
+    assert "## Trace problems" in report
+    problems_line = next(line for line in report.splitlines() if line.startswith("- `lightning/r0`: "))
+    assert "step(s) 2 written more than once (the last value kept) in `epoch/train_time_s`" in problems_line
+    assert "step(s) 10 written more than once (the last value kept) in `time/step_s`" in problems_line
+    # No zero epoch anywhere in the figures: both stacks are timed over epochs 1 and 4 only (4 steps each).
+    stats = _stats(runs)
+    assert stats[runs_reader.EAGER][0].train_s == pytest.approx(8.0)
+    assert stats[runs_reader.FLAX][0].train_s == pytest.approx(4.0)
+    assert stats[runs_reader.EAGER][0].train_images_per_s == pytest.approx(8.0)
+    assert "| Training: Flax vs Lightning eager | Flax is 2.00x faster than Lightning eager (1 repeat) | " \
+           "Flax is 2.00x faster than Lightning eager (1 repeat) |" in report
+    # train s, excl. 1st, val s, excl. 1st, median step ms, compile s, train img/s
+    assert "| Lightning eager | 1 | 8.00 | 4.00 | 2.00 | 1.00 | 1000.0 | 0.00 | 8.0 |" in report
+
+
+def test_backwards_steps_are_reported_and_the_last_value_kept(tmp_path):
+    writer = SummaryWriter(logdir=str(tmp_path))
+    for step, value in ((1, 1.0), (2, 2.0), (5, 5.0), (3, 3.0), (2, 20.0)):
+        writer.add_scalar("train/loss", value, step)
+    writer.close()
+    scalars, problems = runs_reader.read_trace(tmp_path)
+    assert scalars["train/loss"] == [(1, 1.0), (2, 20.0), (3, 3.0), (5, 5.0)]
+    assert problems == [runs_reader.TraceProblem("train/loss", duplicated=(2,), backwards=(3,))]
+
+
+def test_last_epoch_cut_by_max_steps_is_whole_not_partial(tmp_path):
+    config = {"stack": "flax", "epochs": 3, "max_steps": 10, "steps_per_epoch": 4}
+    scalars = {"epoch/train_time_s": [(1, 4.0), (2, 4.0), (3, 2.0)], "epoch/steps_timed": [(1, 4), (2, 4), (3, 2)]}
+    run = runs_reader.Run(tmp_path, config, {}, scalars)
+    assert [run.epoch_steps(epoch) for epoch in (1, 2, 3)] == [4, 4, 2]
+    assert run.unmeasured_epochs() == {}
+    partial = runs_reader.Run(tmp_path, config, {}, {**scalars, "epoch/steps_timed": [(1, 4), (2, 3), (3, 2)]})
+    assert list(partial.unmeasured_epochs()) == [2]
+
+
+# ---------------------------------------------------------------- MFU
+
+
+def test_no_report_shows_an_mfu_above_100_percent(tmp_path):
+    runs = tmp_path / "runs"
+    write_known_pair(runs)  # steady training: Flax 16 img/s, Lightning eager 8 img/s
+    flops = 3 * forward_flops("swinv2_nano_window4_64", img_size=64, num_classes=10)
+    peak = flops * 12  # Flax's 16 img/s would be 133% of it, Lightning's 8 img/s 67%
+    report = compare.compare(runs, tmp_path / "report", peak_tflops=peak / 1e12, figures=False).read_text()
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in report.splitlines()
+            if line.startswith(("| Flax | 1 | ", "| Lightning eager | 1 | "))}  # the per-stack table
+    assert rows["Flax"][9] == "peak underestimated"
+    assert rows["Lightning eager"][9] == "66.67%"
+    for cells in rows.values():
+        if cells[9].endswith("%"):
+            assert float(cells[9].rstrip("%")) <= 100
+    assert "Peak underestimated for Flax" in report and f"--peak-tflops {peak / 1e12:g}" in report
+
+
+def test_cpu_peak_is_each_frameworks_own_matmul_rate(monkeypatch):
+    for framework in ("torch", "jax"):
+        assert 1e8 < device_peaks.measure_cpu_matmul_peak(framework, sizes=(64, 128), seconds=0.05) < 1e14
+    monkeypatch.setattr(device_peaks, "measure_cpu_matmul_peak", {"torch": 6e10, "jax": 9e10}.get)
+    torch_peak, torch_source = device_peaks.device_peak_flops(cpu_description(), "fp32", framework="torch")
+    jax_peak, jax_source = device_peaks.device_peak_flops(cpu_description(), "fp32", framework="jax")
+    assert (torch_peak, jax_peak) == (6e10, 9e10)
+    assert torch_source.startswith("torch float32 matmul peak measured on this CPU: 60.0 GFLOP/s")
+    assert jax_source.startswith("jax float32 matmul peak measured on this CPU: 90.0 GFLOP/s")
+
+
+def test_lightning_and_flax_rows_divide_by_their_own_frameworks_peak(tmp_path, monkeypatch):
+    monkeypatch.setattr(device_peaks, "measure_cpu_matmul_peak", {"torch": 6e10, "jax": 9e10}.get)
+    runs = tmp_path / "runs"
+    write_known_pair(runs, device=cpu_description())
+    report = compare.compare(runs, tmp_path / "report", figures=False).read_text()
+    assert "Peak: Flax: jax float32 matmul peak measured on this CPU: 90.0 GFLOP/s" in report
+    assert "; Lightning eager: torch float32 matmul peak measured on this CPU: 60.0 GFLOP/s" in report
+
+
+def test_gpu_peak_keeps_the_datasheet_and_shows_the_measured_rate_beside_it(monkeypatch):
+    _, unmeasured = device_peaks.device_peak_flops("cuda: NVIDIA A100-SXM4-80GB", "bf16")
+    assert "datasheet dense bf16 312 TFLOP/s" in unmeasured and "not measured" in unmeasured
+    monkeypatch.setattr(device_peaks, "measure_gpu_matmul_rate", lambda device, precision: (2.5e14, "torch"))
+    peak, measured = device_peaks.device_peak_flops("cuda: NVIDIA A100-SXM4-80GB", "bf16")
+    assert peak == pytest.approx(312e12) and "measured torch bf16 matmul on this GPU: 250.0 TFLOP/s" in measured
+
+
+# ---------------------------------------------------------------- contention, compile caches
+
+
+def _write_benchmark_record(logdir: Path, contended: dict[tuple[str, str], bool], caches: str = "cold") -> None:
+    runs = [{"stack": stack, "run_name": name, "load_average_1m": [3.5 if busy else 0.4, 0.5], "waited_s": 0.0,
+             "cores": 2, "contended": busy, "threads": {"torch_intra_op": 2, "xla_cpu": 2}}
+            for (stack, name), busy in contended.items()]
+    (logdir / "benchmark.json").write_text(json.dumps({"compile_caches": caches, "runs": runs}))
+
+
+def test_run_started_under_contention_is_marked_in_every_table(tmp_path):
+    runs = tmp_path / "runs"
+    write_known_pair(runs)
+    _write_benchmark_record(runs, {("lightning", "r0"): True, ("flax", "r0"): False})
+    report = compare.compare(runs, tmp_path / "report", figures=False).read_text()
+    lines = report.splitlines()
+    assert "| Training: Flax vs Lightning eager † |" in report
+    assert any(line.startswith("| Lightning eager † | 1 |") for line in lines)  # per stack
+    assert any(line.startswith("| Lightning eager † | 3.00 s") for line in lines)  # where the time goes
+    assert any(line.startswith("| lightning/r0 † | lightning |") for line in lines)  # runs
+    assert any(line.startswith("| flax/r0 | flax |") for line in lines)
+    assert not any(line.startswith("| Flax †") for line in lines)
+    footnotes = [line for line in lines if line.startswith("† Started under contention")]
+    assert len(footnotes) == 2 and all("above its 2 cores" in line and "`lightning/r0`" in line for line in footnotes)
+    assert "| 3.5 / 0.5 | 2 / 2 |" in report
+
+
+def test_quiet_runs_carry_no_mark(tmp_path):
+    runs = tmp_path / "runs"
+    write_known_pair(runs)
+    _write_benchmark_record(runs, {("lightning", "r0"): False, ("flax", "r0"): False})
+    report = compare.compare(runs, tmp_path / "report", figures=False).read_text()
+    assert "†" not in report
+
+
+@pytest.mark.parametrize("caches, said", [
+    ("cold", "- compile caches: cold (fresh per run)"), ("warm", "- compile caches: warm"),
+    (None, "- compile caches: not recorded"),
+])
+def test_report_states_whether_compile_caches_were_cold_or_warm(tmp_path, caches, said):
+    runs = tmp_path / "runs"
+    write_known_pair(runs)
+    if caches:
+        _write_benchmark_record(runs, {("lightning", "r0"): False, ("flax", "r0"): False}, caches)
+    assert said in compare.compare(runs, tmp_path / "report", figures=False).read_text()
+
+
+# ---------------------------------------------------------------- same training
+
+
+def test_same_training_section_compares_losses_accuracies_and_draws_both_curves(tmp_path):
+    runs = tmp_path / "runs"
+    init = str(tmp_path / "init-weights.pth")
+    write_fake_run(runs, "lightning", step_s=1.0, init_from=init, drop_path=0.0, loss_offset=4e-4, accuracy=0.5)
+    write_fake_run(runs, "flax", step_s=0.5, init_from=init, drop_path=0.0, accuracy=0.6)
+    report = compare.compare(runs, tmp_path / "report").read_text()
+    section = report[report.index("### Same training"):]
+    assert "`flax/r0` and `lightning/r0` started from the same weights" in section
+    assert "Largest absolute difference of `train/loss` over the first 12 common steps (1-12): 0.0004." in section
+    assert "Bound 1e-3 over the first 50 common steps" in section and ": holds." in section
+    assert "| 3 | 0.6000 | 0.5000 | 0.1000 |" in section
+    figure = tmp_path / "report" / f"{runs_reader.group_runs(runs_reader.find_runs(runs))[0][0].slug}_same_training.png"
+    assert f"]({figure.name})" in section and figure.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_same_training_bound_is_judged_in_words_not_asserted(tmp_path):
+    runs = tmp_path / "runs"
+    init = str(tmp_path / "init-weights.pth")
+    write_fake_run(runs, "lightning", init_from=init, drop_path=0.0, loss_offset=0.01)
+    write_fake_run(runs, "flax", init_from=init, drop_path=0.0)
+    report = compare.compare(runs, tmp_path / "report", figures=False).read_text()
+    assert "Largest absolute difference of `train/loss` over the first 12 common steps (1-12): 0.01." in report
+    assert ": does not hold." in report
+
+
+def test_no_same_training_section_without_a_common_initial_weights_file(tmp_path):
+    runs = tmp_path / "runs"
+    write_fake_run(runs, "lightning", init_from=str(tmp_path / "a.pth"))
+    write_fake_run(runs, "flax", init_from=str(tmp_path / "b.pth"))
+    write_known_pair(tmp_path / "random-init")
+    for logdir in (runs, tmp_path / "random-init"):
+        assert "Same training" not in compare.compare(logdir, tmp_path / "report", figures=False).read_text()

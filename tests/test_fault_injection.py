@@ -553,7 +553,6 @@ def test_fifty_lightning_saves_keep_best_and_latest_and_trash_only_empty_files(t
     import pytorch_lightning as pl
     import torch
     from lightning_swin import checkpointing
-    from lightning_swin.callbacks import TrashSafeModelCheckpoint
     from shared_data import tags
     from shared_data.run_config import DEFAULTS
 
@@ -587,12 +586,13 @@ def test_fifty_lightning_saves_keep_best_and_latest_and_trash_only_empty_files(t
             saves.append(path)
             super().save_checkpoint(checkpoint, path, storage_options)
 
-    callback = TrashSafeModelCheckpoint(checkpointing.checkpoint_dir(run_dir), keep=DEFAULTS["keep_checkpoints"],
-                                        every_n_steps=1)
-    trainer = pl.Trainer(max_epochs=epochs, callbacks=[callback], plugins=[CountingIO()],
+    callbacks = checkpointing.checkpoint_callbacks(checkpointing.checkpoint_dir(run_dir),
+                                                   keep=DEFAULTS["keep_checkpoints"], every_n_steps=1)
+    trainer = pl.Trainer(max_epochs=epochs, callbacks=callbacks, plugins=[CountingIO()],
                          logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                          accelerator="cpu", default_root_dir=str(run_dir))
     trainer.fit(Tiny(), train_dataloaders=loader, val_dataloaders=loader)
+    checkpointing.prune_checkpoints(run_dir, DEFAULTS["keep_checkpoints"])
     assert len(saves) >= 50
     best = max((s for s, a in accuracies.items() if a is not None), key=lambda s: accuracies[s])
     infos = checkpointing.list_checkpoints(run_dir)

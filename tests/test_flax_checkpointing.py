@@ -37,7 +37,7 @@ def test_retention_keeps_the_best_by_val_accuracy_and_the_latest(tmp_path, keep,
     _save_all(tmp_path, keep, ACCURACIES)
     infos = checkpointing.list_checkpoints(tmp_path)
     assert [info.step for info in infos] == expected
-    assert all(info.complete and info.kind == "flax" and info.bytes > 0 for info in infos)
+    assert all(info.complete and info.stack == "flax" and info.bytes > 0 for info in infos)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == sorted(map(str, expected))
     assert [info.val_accuracy for info in infos][: len(expected) - 1] == [ACCURACIES[s] for s in expected[:-1]]
 

@@ -18,6 +18,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from flax_swin import checkpointing, train
 from flax_swin.configs import default
 from shared_data import tags, trash_safe
+from shared_data.errors import NonFiniteLossError
 
 REPO = Path(__file__).resolve().parents[1]
 # The tiny synthetic set (conftest): 200 training images at batch 32 -> 6 steps an epoch, 100 val images.
@@ -27,30 +28,29 @@ TINY_FLAGS = ["--preset", "smoke", "--synthetic-size", "tiny", "--max-steps", "1
               "--drop-path", "0.1"]
 
 
-@pytest.fixture(scope="module")
-def compilation_cache(tmp_path_factory):
-    """One persistent XLA cache for this module's runs, in-process and in subprocesses: compile once."""
-    folder = str(tmp_path_factory.mktemp("jax-cache"))
-    from jax._src import compilation_cache as cache
-
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    before = {name: getattr(jax.config, name) for name in names}
-    for name, value in zip(names, (folder, 0, 0)):
-        jax.config.update(name, value)
-    cache.reset_cache()
-    yield {"JAX_COMPILATION_CACHE_DIR": folder, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-    for name, value in before.items():
-        jax.config.update(name, value)
-    cache.reset_cache()
-
-
-def _train(run_dir: Path, data_dir: Path, preset: str = "smoke", **overrides) -> dict:
+def _train(run_dir: Path, data_dir: Path, preset: str = "smoke", hooks=(), **overrides) -> dict:
     config = default.get_config(preset)
     config.update(dict(data_dir=str(data_dir), logdir=str(run_dir.parent.parent), run_name=run_dir.name, num_workers=1,
                        **overrides))
-    return train.train_and_evaluate(config, run_dir)
+    return train.train_and_evaluate(config, run_dir, hooks=hooks)
+
+
+def interrupt_after(step: int):
+    """A hook that stops the run once `step` steps are done (their checkpoints saved), as a kill would."""
+    def hook(steps_done, state):
+        if steps_done == step:
+            raise KeyboardInterrupt(f"interrupted after step {step}")
+        return state
+    return hook
+
+
+def nan_weights_at(step: int):
+    """A hook that turns every parameter into NaN just before step `step`, so that step's real loss is NaN."""
+    def hook(steps_done, state):
+        if steps_done + 1 == step:
+            return state.replace(params=jax.tree_util.tree_map(lambda p: p * np.nan, state.params))
+        return state
+    return hook
 
 
 def _final_arrays(run_dir: Path) -> tuple[int, dict[str, np.ndarray]]:
@@ -150,8 +150,6 @@ def reference_run(tmp_path_factory, compilation_cache, synthetic_data_dir):
     (hooks / "tensorflow" / "__init__.py").write_text('raise ImportError("tensorflow is blocked in this test")\n')
     env = dict(os.environ, **compilation_cache,
                PYTHONPATH=os.pathsep.join([str(hooks), str(REPO), os.environ.get("PYTHONPATH", "")]))
-    env.pop(train.INTERRUPT_ENV, None)
-    env.pop(train.INJECT_NAN_ENV, None)
     command = [sys.executable, str(REPO / "scripts" / "train_flax.py"), *TINY_FLAGS, "--data-dir",
                str(synthetic_data_dir), "--logdir", str(root / "runs"), "--run-name", "reference"]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -165,13 +163,11 @@ def test_stack_imports_and_trains_with_tensorflow_unimportable(reference_run):
     assert "tensorflow is blocked" not in result.stderr
 
 
-def test_resume_mid_epoch_gives_bit_identical_parameters(reference_run, tmp_path, synthetic_data_dir, monkeypatch):
+def test_resume_mid_epoch_gives_bit_identical_parameters(reference_run, tmp_path, synthetic_data_dir):
     run_dir = tmp_path / "runs" / "flax" / "resumed"
-    monkeypatch.setenv(train.INTERRUPT_ENV, "9")  # after step 9; the last save was step 8, mid-epoch 2
-    with pytest.raises(KeyboardInterrupt):
-        _train(run_dir, synthetic_data_dir, **TINY)
+    with pytest.raises(KeyboardInterrupt):  # after step 9; the last save was step 8, mid-epoch 2
+        _train(run_dir, synthetic_data_dir, hooks=[interrupt_after(9)], **TINY)
     assert [i.step for i in checkpointing.list_checkpoints(run_dir)] == [6, 8]
-    monkeypatch.delenv(train.INTERRUPT_ENV)
     summary = _train(run_dir, synthetic_data_dir, resume=True, **TINY)
     assert summary["steps"] == 10
 
@@ -188,11 +184,10 @@ def test_resume_mid_epoch_gives_bit_identical_parameters(reference_run, tmp_path
 
 
 def test_nan_loss_stops_the_run_naming_the_step_and_the_last_checkpoint_restores(tmp_path, synthetic_data_dir,
-                                                                                  compilation_cache, monkeypatch):
+                                                                                  compilation_cache):
     run_dir = tmp_path / "runs" / "flax" / "nan"
-    monkeypatch.setenv(train.INJECT_NAN_ENV, "5")
-    with pytest.raises(train.NonFiniteLossError, match=r"non-finite training loss \(nan\) at step 5.*checkpoints/4$"):
-        _train(run_dir, synthetic_data_dir, **TINY)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite training loss \(nan\) at step 5: stopped; last good checkpoint: .*checkpoints/4; "):
+        _train(run_dir, synthetic_data_dir, hooks=[nan_weights_at(5)], **TINY)
     infos = checkpointing.list_checkpoints(run_dir)
     assert [i.step for i in infos] == [4] and infos[0].complete
     assert checkpointing.verify_checkpoint(infos[0].path)["step"] == 4
@@ -202,7 +197,7 @@ def test_nan_loss_stops_the_run_naming_the_step_and_the_last_checkpoint_restores
 ONE_STEP = textwrap.dedent('''
     import jax, jax.numpy as jnp, numpy as np, optax
     from jax.sharding import NamedSharding, PartitionSpec
-    from flax_swin import train
+    from flax_swin import input_pipeline, train
     from flax_swin.configs import default
 
 
@@ -223,7 +218,7 @@ ONE_STEP = textwrap.dedent('''
         state = jax.tree_util.tree_map(jnp.copy, state)  # one buffer per leaf: the step donates them all
         step = train.make_train_step(graphdef, optimizer, config, mesh, 10)
         metrics = jax.device_put(train.TrainMetrics.empty(), NamedSharding(mesh, PartitionSpec()))
-        batch = train.to_global((images, labels), NamedSharding(mesh, PartitionSpec(train.BATCH_AXIS)))
+        batch = input_pipeline.to_global((images, labels), NamedSharding(mesh, PartitionSpec(train.BATCH_AXIS)))
         state, metrics, out = step(state, metrics, rest, *batch)
         return initial, [np.asarray(x) for x in jax.tree_util.tree_leaves(jax.device_get(state.params))]
 ''')

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -12,11 +13,12 @@ import pytorch_lightning as pl
 import torch
 
 from lightning_swin import checkpointing
-from lightning_swin.checkpointing import CheckpointError, latest_resumable, leftovers, list_checkpoints, verify_checkpoint
-from lightning_swin.module import INJECT_NAN_ENV
-from lightning_swin.train import parse_config, train
+from lightning_swin.checkpointing import leftovers, list_checkpoints, resume_point, verify_checkpoint
+from lightning_swin.configs import default
+from lightning_swin.train import train_and_evaluate
 from scripts.train_lightning import main
-from shared_data import trash_safe
+from shared_data import errors, run_config, trash_safe
+from shared_data.errors import CheckpointError
 
 # The nano model at 64 px on the session's tiny synthetic set: 200 train images, so 6 steps of 32 per epoch.
 FAST = ["--dataset", "synthetic", "--synthetic-size", "tiny", "--model", "swinv2_nano_window4_64", "--img-size", "64",
@@ -37,7 +39,9 @@ def argv(logdir: Path, data_dir: Path, *flags: str, run_name: str = "run") -> li
 
 
 def run_training(logdir: Path, data_dir: Path, *flags: str, run_name: str = "run", callbacks=()) -> dict:
-    return train(parse_config(argv(logdir, data_dir, *flags, run_name=run_name)), extra_callbacks=callbacks)
+    parser = run_config.build_parser(default.STACK, default.add_stack_flags)
+    config = default.resolve(vars(parser.parse_args(argv(logdir, data_dir, *flags, run_name=run_name))))
+    return train_and_evaluate(config, config["run_dir"], callbacks)
 
 
 def names(run_dir: Path) -> list[str]:
@@ -63,12 +67,26 @@ class Interrupt(Exception):
 
 
 class InterruptBeforeStep(pl.Callback):
+    def __init__(self, step: int, error: type[BaseException] = Interrupt) -> None:
+        self.step = step
+        self.error = error
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step + 1 == self.step:
+            raise self.error(f"interrupted before step {self.step}")
+
+
+class NanWeightsBeforeStep(pl.Callback):
+    """Fills the weights with NaN just before step `step`, so that step's real loss is NaN."""
+
     def __init__(self, step: int) -> None:
         self.step = step
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_step + 1 == self.step:
-            raise Interrupt(f"interrupted before step {self.step}")
+            with torch.no_grad():
+                for parameter in pl_module.parameters():
+                    parameter.fill_(float("nan"))
 
 
 @pytest.mark.parametrize("keep", [1, 3])
@@ -108,14 +126,18 @@ def test_resume_mid_epoch_matches_uninterrupted(tmp_path, synthetic_data_dir, in
     # Drop path on and a data worker running ahead: the random streams and the data position must both resume.
     flags = ["--epochs", "2", "--checkpoint-every-steps", "2", "--drop-path", "0.1", "--num-workers", "1",
              "--keep-checkpoints", "3"]
-    run_training(tmp_path, synthetic_data_dir, *flags, run_name="straight")
+    straight_summary = run_training(tmp_path, synthetic_data_dir, *flags, run_name="straight")
     with pytest.raises(Interrupt):
         run_training(tmp_path, synthetic_data_dir, *flags, run_name="cut",
                      callbacks=[InterruptBeforeStep(interrupt_before)])
     cut_dir = tmp_path / "lightning" / "cut"
-    resumed_from = latest_resumable(cut_dir)
+    resumed_from, _ = resume_point(cut_dir)
     assert resumed_from.name.startswith("last-") and f"step={interrupt_before - 2:06d}" in resumed_from.name
-    run_training(tmp_path, synthetic_data_dir, *flags, "--resume", run_name="cut")
+    resumed_summary = run_training(tmp_path, synthetic_data_dir, *flags, "--resume", run_name="cut")
+    # The file it resumed from is gone too: the same checkpoints, and the same epochs in the summary.
+    assert names(cut_dir) == names(tmp_path / "lightning" / "straight")
+    assert resumed_summary["best_val_accuracy"] == straight_summary["best_val_accuracy"]
+    assert resumed_summary["final_val_accuracy"] == straight_summary["final_val_accuracy"]
     final = "last-epoch=002-step=000012.ckpt"
     straight = verify_checkpoint(tmp_path / "lightning" / "straight" / "checkpoints" / final)
     resumed = verify_checkpoint(cut_dir / "checkpoints" / final)
@@ -125,19 +147,35 @@ def test_resume_mid_epoch_matches_uninterrupted(tmp_path, synthetic_data_dir, in
     assert straight["lr_schedulers"][0]["_last_lr"] == resumed["lr_schedulers"][0]["_last_lr"]
 
 
-def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint_loadable(tmp_path, synthetic_data_dir, monkeypatch,
-                                                                       capsys):
-    monkeypatch.setenv(INJECT_NAN_ENV, "5")
-    code = main(argv(tmp_path, synthetic_data_dir, "--epochs", "2", "--checkpoint-every-steps", "2"))
-    assert code == 1
+def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint_loadable(tmp_path, synthetic_data_dir, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        errors.exit_on_error("train_lightning.py", lambda: run_training(
+            tmp_path, synthetic_data_dir, "--epochs", "2", "--checkpoint-every-steps", "2",
+            callbacks=[NanWeightsBeforeStep(5)]))
+    assert exit_info.value.code == 1
     message = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "non-finite loss" in message and "step 5" in message
     run_dir = tmp_path / "lightning" / "run"
+    assert "non-finite training loss (nan) at step 5" in message
+    assert "last good checkpoint: " + str(checkpointing.checkpoint_dir(run_dir) / "last-epoch=001-step=000004.ckpt") in message
     infos = [i for i in list_checkpoints(run_dir) if i.complete]
     assert [i.step for i in infos] == [4]
     checkpoint = verify_checkpoint(infos[0].path)
     assert all(torch.isfinite(t).all() for t in checkpoint["state_dict"].values() if t.is_floating_point())
     assert not (run_dir / "summary.json").exists()
+
+
+def test_ctrl_c_exits_130_with_the_flags_that_continue_the_run(tmp_path, synthetic_data_dir, capsys):
+    sigint = signal.getsignal(signal.SIGINT)  # Lightning ignores further Ctrl-C while it shuts down
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            errors.exit_on_error("train_lightning.py", lambda: run_training(
+                tmp_path, synthetic_data_dir, "--max-steps", "4", callbacks=[InterruptBeforeStep(3, KeyboardInterrupt)]),
+                "run")
+    finally:
+        signal.signal(signal.SIGINT, sigint)
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "train_lightning.py: interrupted; continue with --resume --run-name run")
 
 
 def test_damaged_latest_checkpoint_is_skipped_with_a_warning_naming_it(tmp_path, synthetic_data_dir):
@@ -149,8 +187,9 @@ def test_damaged_latest_checkpoint_is_skipped_with_a_warning_naming_it(tmp_path,
     with pytest.raises(CheckpointError, match=newest.name):
         verify_checkpoint(newest)
     with pytest.warns(UserWarning, match=newest.name):
-        chosen = latest_resumable(run_dir)
+        chosen, damaged = resume_point(run_dir)
     assert chosen is not None and chosen != newest and verify_checkpoint(chosen)["global_step"] > 0
+    assert damaged == [newest]
 
 
 def test_disk_full_during_a_save_stops_with_one_line_and_keeps_the_previous(tmp_path, synthetic_data_dir, monkeypatch,
@@ -165,8 +204,9 @@ def test_disk_full_during_a_save_stops_with_one_line_and_keeps_the_previous(tmp_
         real_write(path, data)
 
     monkeypatch.setattr(checkpointing, "atomic_write_bytes", fill_disk_on_second_save)
-    code = main(argv(tmp_path, synthetic_data_dir, "--max-steps", "6", "--checkpoint-every-steps", "2"))
-    assert code == 1
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv(tmp_path, synthetic_data_dir, "--max-steps", "6", "--checkpoint-every-steps", "2"))
+    assert exit_info.value.code == 1
     message = capsys.readouterr().err.strip().splitlines()[-1]
     assert "no space left on device" in message and "--resume" in message
     infos = list_checkpoints(tmp_path / "lightning" / "run")

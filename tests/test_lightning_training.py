@@ -15,9 +15,10 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_swin.checkpointing import list_checkpoints
+from lightning_swin.configs import default
 from lightning_swin.datamodule import EpochBatchSampler, ResumableLoader, TrainBatches
-from lightning_swin.module import warmup_cosine
-from lightning_swin.train import parse_config, train
+from lightning_swin.module import learning_rate_schedule
+from lightning_swin.train import train_and_evaluate
 from scripts.train_lightning import main
 from shared_data import run_config, tags
 
@@ -36,9 +37,15 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+def config_from_flags(argv: list[str]) -> dict:
+    """The resolved config scripts/train_lightning.py builds from these flags."""
+    return default.resolve(vars(run_config.build_parser(default.STACK, default.add_stack_flags).parse_args(argv)))
+
+
 def run_training(logdir: Path, data_dir: Path, *flags: str, run_name: str = "run", callbacks=()) -> dict:
-    config = parse_config([*FAST, "--data-dir", str(data_dir), "--logdir", str(logdir), "--run-name", run_name, *flags])
-    return train(config, extra_callbacks=callbacks)
+    config = config_from_flags([*FAST, "--data-dir", str(data_dir), "--logdir", str(logdir), "--run-name", run_name,
+                                *flags])
+    return train_and_evaluate(config, config["run_dir"], callbacks)
 
 
 def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -116,7 +123,7 @@ def test_learning_rate_schedule_matches_the_shared_reference():
     steps_per_epoch = 7
     parameter = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.AdamW([parameter], lr=config["lr"])
-    scheduler = warmup_cosine(optimizer, config, steps_per_epoch)
+    scheduler = learning_rate_schedule(optimizer, config, steps_per_epoch)
     for step in range(run_config.total_steps(config, steps_per_epoch)):
         expected = run_config.learning_rate(step, config, steps_per_epoch)
         assert optimizer.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-6), step
@@ -198,7 +205,8 @@ def test_ddp_on_two_cpu_processes_matches_one_process_with_the_same_global_batch
         env=env, capture_output=True, text=True, timeout=300,
     )
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    train(parse_config([*argv, "--run-name", "single", "--accelerator", "cpu"]))
+    single = config_from_flags([*argv, "--run-name", "single", "--accelerator", "cpu"])
+    train_and_evaluate(single, single["run_dir"])
     two = scalars(tmp_path / "lightning" / "ddp")
     one = scalars(tmp_path / "lightning" / "single")
     assert [s for s, _ in two[tags.TRAIN_LOSS]] == [s for s, _ in one[tags.TRAIN_LOSS]] == [1, 2, 3]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from typing import Any
 
 import ml_collections
@@ -15,15 +16,17 @@ STACK_DEFAULTS: dict[str, Any] = dict(
 )
 
 
+def add_stack_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags only this stack has (beside shared_data.run_config's)."""
+    group = parser.add_argument_group("JAX/Flax")
+    group.add_argument("--profile-steps", metavar="FIRST,LAST",
+                       help="write a jax.profiler trace of global steps FIRST..LAST into <run>/profile "
+                            "(TensorBoard's profile plugin), e.g. 5,10")
+
+
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     """The shared defaults with `preset` applied; None values are derived at run time (see resolve)."""
-    values = dict(run_config.DEFAULTS, **STACK_DEFAULTS)
-    if preset is not None:
-        if preset not in run_config.PRESETS:
-            raise run_config.ConfigError(f"--preset: unknown preset {preset!r}; choose one of "
-                                         f"{', '.join(sorted(run_config.PRESETS))}")
-        values.update(run_config.PRESETS[preset], preset=preset)
-    return ml_collections.ConfigDict(values)
+    return ml_collections.ConfigDict(run_config.preset_values(preset, STACK_DEFAULTS))
 
 
 def resolve(config: ml_collections.ConfigDict | dict[str, Any]) -> ml_collections.ConfigDict:
@@ -31,6 +34,7 @@ def resolve(config: ml_collections.ConfigDict | dict[str, Any]) -> ml_collection
     values = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
     stack_values = {key: values.pop(key, default) for key, default in STACK_DEFAULTS.items()}
     resolved = run_config.resolve(values, STACK)
+    parse_profile_steps(stack_values["profile_steps"])
     resolved.update(stack_values)
     return ml_collections.ConfigDict(resolved)
 

@@ -1,4 +1,4 @@
-"""What a run records about where it ran: host peak memory, CPU name, library versions."""
+"""Where a run ran: host peak memory, the device string, library versions."""
 
 from __future__ import annotations
 
@@ -43,3 +43,11 @@ def library_versions(names: tuple[str, ...] = RECORDED_LIBRARIES) -> dict[str, s
         except metadata.PackageNotFoundError:
             continue
     return versions
+
+
+def device_description(platform: str, name: str, count: int) -> str:
+    """One string for where a run ran, the same in both stacks: 'cpu: <model> x<cores> cores' on a CPU,
+    else '<platform>: <device name> x<devices>' (platform 'cuda' for NVIDIA GPUs, whatever the framework calls it)."""
+    if platform == "cpu":
+        return cpu_description()
+    return f"{'cuda' if platform == 'gpu' else platform}: {name} x{count}"

@@ -1,0 +1,62 @@
+"""The errors both stacks raise when a run cannot go on, their exit codes, and the one way a script exits on them."""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
+
+# argparse exits 2 on a bad flag; a value found wrong later is the same kind of mistake.
+USAGE_EXIT_CODE = 2
+FAILURE_EXIT_CODE = 1
+# 128 + SIGINT, what a shell reports for a run stopped by Ctrl-C.
+INTERRUPTED_EXIT_CODE = 130
+
+
+class RunError(Exception):
+    """A run that cannot go on; the message is one line naming the file or flag and what to do."""
+
+    exit_code = FAILURE_EXIT_CODE
+
+
+class ConfigError(RunError, ValueError):
+    """A flag value that cannot work; the message names the flag."""
+
+    exit_code = USAGE_EXIT_CODE
+
+
+class NonFiniteLossError(RunError):
+    """The training loss became NaN or infinite; the message names the step and the last good checkpoint."""
+
+    @classmethod
+    def at_step(cls, step: int, loss: float, last_saved: object | None) -> "NonFiniteLossError":
+        """The error both stacks raise for a non-finite `loss` at global `step` (1-based), naming the path of
+        the last checkpoint saved before it (None: no checkpoint yet)."""
+        return cls(f"non-finite training loss ({loss}) at step {step}: stopped; last good checkpoint: "
+                   f"{last_saved or 'none'}; lower --lr, raise --warmup-epochs or use --precision fp32, then --resume")
+
+
+class CheckpointError(RunError):
+    """A checkpoint that cannot be restored; the message names it and why."""
+
+
+class CheckpointSaveError(RunError):
+    """A save that failed (disk full, permissions); the previous complete checkpoint is untouched."""
+
+
+def exit_on_error(prog: str, run: Callable[[], T], run_name: str | None = None) -> T:
+    """Call `run()`; on a RunError or Ctrl-C print one line to stderr and exit with that error's code.
+
+    Raises SystemExit(2) for a ConfigError, SystemExit(1) for any other RunError and SystemExit(130) on
+    KeyboardInterrupt (with the flags that continue the run when `run_name` is given).
+    """
+    try:
+        return run()
+    except RunError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(error.exit_code) from None
+    except KeyboardInterrupt:
+        hint = f"; continue with --resume --run-name {run_name}" if run_name else ""
+        print(f"{prog}: interrupted{hint}", file=sys.stderr, flush=True)
+        raise SystemExit(INTERRUPTED_EXIT_CODE) from None

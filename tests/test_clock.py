@@ -1,0 +1,132 @@
+"""The one clock of shared_data.tags on both stacks, the same training from the same start, resumed epochs
+measured right, and --step-timing off."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from shared_data import tags
+from tests import stacks
+
+STEPS_PER_EPOCH = 6  # the tiny set's 200 images at the smoke preset's batch of 32
+SAME_TRAINING_BOUND = 1e-3  # largest |loss difference| allowed between the stacks from the same start
+
+
+class Interrupt(Exception):
+    """Stands in for a killed process."""
+
+
+def flax_interrupt_after(step: int):
+    def hook(steps_done, state):
+        if steps_done == step:
+            raise Interrupt(f"after step {step}")
+        return state
+    return hook
+
+
+class LightningInterruptAfter(pl.Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise Interrupt(f"after step {self.step}")
+
+
+def interrupt_after(stack: str, step: int):
+    return flax_interrupt_after(step) if stack == "flax" else LightningInterruptAfter(step)
+
+
+@pytest.fixture(scope="module")
+def init_weights(tmp_path_factory) -> Path:
+    """Random official-format weights of the nano model, the start both stacks are given."""
+    from lightning_swin.model import create_model
+
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("init") / "init.pth"
+    torch.save(create_model("swinv2_nano_window4_64", num_classes=10, img_size=64).state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def same_init_runs(tmp_path_factory, synthetic_data_dir, compilation_cache, init_weights) -> dict[str, Path]:
+    """Two epochs of each stack from the same weights (float32, no drop path: the smoke preset)."""
+    logdir = tmp_path_factory.mktemp("same-init")
+    torch.set_num_threads(1)  # several suites share two cores
+    for stack in stacks.STACKS:
+        stacks.train(stack, logdir, synthetic_data_dir, "--epochs", "2", "--init-from", str(init_weights))
+    return {stack: logdir / stack / "run" for stack in stacks.STACKS}
+
+
+def test_same_start_trains_the_same_in_both_stacks(same_init_runs):
+    lightning, flax = (stacks.scalars(same_init_runs[stack]) for stack in ("lightning", "flax"))
+    steps = [step for step, _ in flax[tags.TRAIN_LOSS]]
+    assert steps == [step for step, _ in lightning[tags.TRAIN_LOSS]] == list(range(1, 2 * STEPS_PER_EPOCH + 1))
+    loss_difference = np.abs(np.array([v for _, v in flax[tags.TRAIN_LOSS]]) -
+                             np.array([v for _, v in lightning[tags.TRAIN_LOSS]]))
+    assert loss_difference.max() <= SAME_TRAINING_BOUND, loss_difference
+    np.testing.assert_allclose([v for _, v in flax[tags.TRAIN_LR]], [v for _, v in lightning[tags.TRAIN_LR]],
+                               rtol=1e-6)
+    np.testing.assert_allclose([v for _, v in flax[tags.VAL_LOSS]], [v for _, v in lightning[tags.VAL_LOSS]],
+                               atol=SAME_TRAINING_BOUND)
+
+
+@pytest.mark.parametrize("stack", stacks.STACKS)
+def test_step_times_follow_the_one_clock(same_init_runs, stack):
+    scalars = stacks.scalars(same_init_runs[stack])
+    step_s, wait_s, compute_s = (dict(scalars[tag]) for tag in (tags.STEP_TIME, tags.DATA_WAIT_TIME, tags.COMPUTE_TIME))
+    assert sorted(step_s) == list(range(1, 2 * STEPS_PER_EPOCH + 1))
+    for step in step_s:
+        assert wait_s[step] >= 0 and compute_s[step] == pytest.approx(step_s[step] - wait_s[step], abs=1e-6)
+    assert dict(scalars[tags.FIRST_STEP_TIME]) == {1: step_s[1]}
+    # Step times are intervals between consecutive completions, so an epoch's steps tile its train time.
+    train_time = dict(scalars[tags.EPOCH_TRAIN_TIME])
+    for epoch in (1, 2):
+        steps = range((epoch - 1) * STEPS_PER_EPOCH + 1, epoch * STEPS_PER_EPOCH + 1)
+        assert sum(step_s[s] for s in steps) == pytest.approx(train_time[epoch], rel=0.05, abs=0.02)
+    assert dict(scalars[tags.EPOCH_STEPS_TIMED]) == {1: STEPS_PER_EPOCH, 2: STEPS_PER_EPOCH}
+
+
+@pytest.mark.parametrize("stack", stacks.STACKS)
+def test_a_run_resumed_after_an_epoch_end_writes_each_epoch_once(same_init_runs, synthetic_data_dir, init_weights,
+                                                                 stack):
+    run_dir = same_init_runs[stack]
+    stacks.train(stack, run_dir.parent.parent, synthetic_data_dir, "--epochs", "3", "--init-from", str(init_weights),
+                 "--resume")
+    scalars = stacks.scalars(run_dir)
+    for tag in tags.PER_EPOCH:
+        assert [step for step, _ in scalars[tag]] == [1, 2, 3], tag
+    assert all(value > 0 for _, value in scalars[tags.EPOCH_TRAIN_IMAGES_PER_S])
+    summary = stacks.summary(run_dir)
+    assert summary["epochs_completed"] == 3 and summary["partial_epochs"] == []
+
+
+@pytest.mark.parametrize("stack", stacks.STACKS)
+def test_an_epoch_split_by_a_resume_is_marked_partial_and_left_out_of_the_medians(tmp_path, synthetic_data_dir,
+                                                                                 compilation_cache, stack):
+    flags = ["--epochs", "2", "--checkpoint-every-steps", "4"]
+    with pytest.raises(Interrupt):
+        stacks.train(stack, tmp_path, synthetic_data_dir, *flags, extras=[interrupt_after(stack, 9)])
+    stacks.train(stack, tmp_path, synthetic_data_dir, *flags, "--resume")  # from the step-8 checkpoint
+    run_dir = tmp_path / stack / "run"
+    steps_timed = dict(stacks.scalars(run_dir)[tags.EPOCH_STEPS_TIMED])
+    assert steps_timed == {1: STEPS_PER_EPOCH, 2: 2 * STEPS_PER_EPOCH - 8}
+    summary = stacks.summary(run_dir)
+    assert summary["partial_epochs"] == [2]
+    epoch_1 = dict(stacks.scalars(run_dir)[tags.EPOCH_TRAIN_IMAGES_PER_S])[1]
+    assert summary["images_per_s"]["train"] == pytest.approx(epoch_1)
+
+
+@pytest.mark.parametrize("stack", stacks.STACKS)
+def test_step_timing_off_writes_the_epoch_tags_only(tmp_path, synthetic_data_dir, compilation_cache, stack):
+    stacks.train(stack, tmp_path, synthetic_data_dir, "--max-steps", "4", "--step-timing", "off")
+    written = set(stacks.scalars(tmp_path / stack / "run"))
+    assert written & set(tags.PER_STEP + (tags.FIRST_STEP_TIME,)) == set()
+    assert set(tags.PER_EPOCH) <= written
+    assert not math.isnan(stacks.summary(tmp_path / stack / "run")["images_per_s"]["train"])
