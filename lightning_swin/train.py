@@ -50,10 +50,7 @@ def train_and_evaluate(config: dict[str, Any], workdir: str | os.PathLike,
 
     # ---- data
     datamodule = ImagenetteDataModule(config, progress=main)
-    try:
-        data = datamodule.load()
-    except ValueError as error:  # prepare_data names the flag in its messages
-        raise ConfigError(str(error)) from None
+    data = datamodule.load()  # prepare_data raises ConfigError or DataError, each one line naming the flag or path
     steps_per_epoch = datamodule.steps_per_epoch
     if steps_per_epoch < 1:
         raise ConfigError(f"--batch-size {config['batch_size']} is larger than the {len(data.train)} training images")

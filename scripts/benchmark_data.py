@@ -8,6 +8,7 @@ import time
 
 from tqdm import tqdm
 
+from shared_data import errors
 from shared_data.batches import train_batch, train_steps_per_epoch
 from shared_data.loader import BatchLoader
 from shared_data.prepare import prepare_data
@@ -49,11 +50,9 @@ def measure(data, *, batch_size: int, img_size: int, batches: int, num_workers: 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    try:
-        data = prepare_data(args.dataset, args.data_dir, args.img_size, synthetic_size=args.synthetic_size,
-                            allow_download=not args.no_download)
-    except ValueError as error:
-        raise SystemExit(f"benchmark_data: {error}") from None
+    data = errors.exit_on_error("benchmark_data.py", lambda: prepare_data(
+        args.dataset, args.data_dir, args.img_size, synthetic_size=args.synthetic_size,
+        allow_download=not args.no_download))
     # Touch every cached page once, so the numbers measure batch assembly and not the first disk read.
     data.train.images.sum(dtype="uint64")
     print(f"{data.dataset}: {len(data.train)} train images cached at {data.resolution}px, "

@@ -285,12 +285,17 @@ def _runs_section(groups: list[Group], unpaired: list[Run], logdir: Path) -> lis
         init_from = run.config.get("init_from")
         lines.append(
             f"| {run.path.relative_to(logdir) if run.path.is_relative_to(logdir) else run.path}"
-            f"{CONTENDED if run.contended else ''} | {run.config['stack']} | {bool(run.config.get('compile'))} | "
+            f"{CONTENDED if run.contended else ''}{' (resumed)' if run.resumed else ''} | {run.config['stack']} | {bool(run.config.get('compile'))} | "
             f"{run.config.get('seed')} | {Path(init_from).name if init_from else 'random'} | {run.epochs_done()} | "
             f"{run.config['device']} | {load} | "
             f"{threads.get('torch_intra_op', 'n/a')} / {threads.get('xla_cpu', 'n/a')} | "
             f"{versions or 'n/a'} | {_fmt(run.summary.get('wall_time_s'), 1)} |"
         )
+    resumed = [run for run in every if run.resumed]
+    if resumed:
+        lines += ["", "Resumed with --resume: " + ", ".join(str(run.path.name) for run in resumed) + ". Their epochs "
+                  "were timed by more than one process; an epoch a resume split is left out of the speed figures "
+                  "(named under its group), and their wall time is the last process's only."]
     if unpaired:
         lines += ["", "Not compared (no run of the other stack with the same configuration): "
                   + ", ".join(str(run.path) for run in unpaired) + "."]

@@ -6,10 +6,13 @@ import argparse
 import collections
 import sys
 
+from shared_data.errors import exit_on_error
 from shared_data.prepare import PreparedData, prepare_data
 from shared_data.registry import DATASET_NAMES, NOISY_LABEL_PERCENTS
 from shared_data.synthetic import SYNTHETIC_SIZES
 from shared_data.trash_safe import tree_size
+
+PROG = "prepare_data.py"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,13 +46,12 @@ def summary(data: PreparedData) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Prepare and summarise; on an error one line and the training scripts' exit code (2: a flag, 1: the data)."""
     args = build_parser().parse_args(argv)
-    try:
-        data = prepare_data(args.dataset, args.data_dir, args.img_size, seed=args.seed, strict=args.strict,
-                            synthetic_size=args.synthetic_size, noisy_labels=args.noisy_labels,
-                            num_workers=args.num_workers, allow_download=not args.no_download)
-    except ValueError as error:  # every bad-input error names its flag in one line
-        raise SystemExit(f"prepare_data: {error}") from None
+    data = exit_on_error(PROG, lambda: prepare_data(
+        args.dataset, args.data_dir, args.img_size, seed=args.seed, strict=args.strict,
+        synthetic_size=args.synthetic_size, noisy_labels=args.noisy_labels, num_workers=args.num_workers,
+        allow_download=not args.no_download))
     print(summary(data))
 
 

@@ -55,6 +55,11 @@ class Run:
     benchmark: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def resumed(self) -> bool:
+        """Continued with --resume at least once (both stacks then write config.resume.json beside config.json)."""
+        return (self.path / "config.resume.json").is_file()
+
+    @property
     def variant(self) -> str:
         if self.config["stack"] == "flax":
             return FLAX

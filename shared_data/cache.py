@@ -6,15 +6,15 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from shared_data import decode
+from shared_data import decode, staging
 from shared_data.decode import PREPROCESS_VERSION, SkippedFile
+from shared_data.errors import ConfigError, DataError
 from shared_data.trash_safe import atomic_write_json, remove_path
 
 IMAGES_FILE = "images.u8"
@@ -38,22 +38,42 @@ class SplitArrays:
         return int(self.images.shape[1])
 
 
-def list_split(root: Path, split: str, class_ids: tuple[str, ...]) -> tuple[list[str], np.ndarray]:
-    """Files of `root/split` in (sorted class, sorted name) order with their class indices."""
+def list_split(root: Path, split: str,
+               class_ids: tuple[str, ...]) -> tuple[list[str], np.ndarray, list[SkippedFile]]:
+    """Files of `root/split` in (sorted class, sorted name) order with their class indices, and the entries refused:
+    symbolic links that leave the dataset folder or lead nowhere."""
     split_dir = Path(root) / split
     if not split_dir.is_dir():
-        raise ValueError(f"--data-dir: {split_dir} is missing; the release must have train/ and val/ folders")
+        raise ConfigError(f"--data-dir: {split_dir} is missing; the release must have train/ and val/ folders")
     found = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
     missing = sorted(set(class_ids) - set(found))
     if missing:
-        raise ValueError(f"--data-dir: {split_dir} lacks class folders {', '.join(missing)}; re-extract the release")
+        raise ConfigError(f"--data-dir: {split_dir} lacks class folders {', '.join(missing)}; re-extract the release")
+    inside = Path(root).resolve()  # the dataset folder may itself be a link (to a bigger disk): its target counts
     files: list[str] = []
     labels: list[int] = []
+    refused: list[SkippedFile] = []
     for label, wnid in enumerate(class_ids):
-        names = sorted(p.name for p in (split_dir / wnid).iterdir() if p.is_file() and not p.name.startswith("."))
-        files.extend(f"{split}/{wnid}/{name}" for name in names)
-        labels.extend([label] * len(names))
-    return files, np.asarray(labels, dtype=np.int32)
+        for name in sorted(p.name for p in (split_dir / wnid).iterdir() if not p.name.startswith(".")):
+            rel = f"{split}/{wnid}/{name}"
+            reason = _link_refusal(split_dir / wnid / name, inside)
+            if reason is not None:
+                refused.append(SkippedFile(rel, reason))
+            elif (split_dir / wnid / name).is_file():
+                files.append(rel)
+                labels.append(label)
+    return files, np.asarray(labels, dtype=np.int32), refused
+
+
+def _link_refusal(entry: Path, inside: Path) -> str | None:
+    """Why `entry` must not be read because of a symbolic link on its way, or None when it may be read."""
+    if entry.is_symlink() and not entry.exists():
+        return f"dangling symbolic link to {os.readlink(entry)}; remove it or restore its target"
+    target = Path(os.path.realpath(entry))
+    if not target.is_relative_to(inside):
+        return (f"symbolic link to {target}, outside the dataset folder {inside}: refused; "
+                "copy the file into the dataset instead")
+    return None
 
 
 def source_fingerprint(root: Path, files: list[str]) -> str:
@@ -95,26 +115,26 @@ def load_or_build(root: Path, dataset: str, split: str, files: list[str], labels
     cache_root.mkdir(parents=True, exist_ok=True)
     key = cache_key(dataset, split, resolution, source_fingerprint(root, files))
     final = cache_root / key
+    staging.remove_abandoned(cache_root)
     loaded = load_cache(final)
     if loaded is None:
-        _remove_abandoned_builds(cache_root, key)
         if final.exists():  # an incomplete folder under the final name: never trusted, never reused
             remove_path(final)
         _build(root, files, labels, resolution, cache_root, key, num_workers=num_workers, strict=strict,
                progress=progress, desc=f"cache {dataset} {split} r{resolution}")
         loaded = load_cache(final)
         if loaded is None:
-            raise RuntimeError(f"{final}: cache build finished but the cache does not load; delete it and retry")
+            raise DataError(f"{final}: cache build finished but the cache does not load; delete it and retry")
     return loaded[0], loaded[1], final
 
 
 def _build(root: Path, files: list[str], labels: np.ndarray, resolution: int, cache_root: Path, key: str, *,
            num_workers: int | None, strict: bool, progress: bool, desc: str) -> None:
     if not files:
-        raise ValueError(f"--data-dir: no image files under {root} for {key}")
-    staging = Path(tempfile.mkdtemp(prefix=f".building-{key}-{os.getpid()}-", dir=cache_root))
+        raise ConfigError(f"--data-dir: no image files under {root} for {key}")
+    folder = staging.make_staging(cache_root, "building", key)
     try:
-        images = np.memmap(staging / IMAGES_FILE, dtype=np.uint8, mode="w+",
+        images = np.memmap(folder / IMAGES_FILE, dtype=np.uint8, mode="w+",
                            shape=(len(files), resolution, resolution, 3))
 
         def decode_into(index: int) -> str | None:
@@ -135,43 +155,26 @@ def _build(root: Path, files: list[str], labels: np.ndarray, resolution: int, ca
                 raise
         keep = [i for i, reason in enumerate(reasons) if reason is None]
         if not keep:
-            raise ValueError(f"--data-dir: none of the {len(files)} files under {root} for {key} could be decoded")
+            raise ConfigError(f"--data-dir: none of the {len(files)} files under {root} for {key} could be decoded")
         for new, old in enumerate(keep):  # compact in place: later rows only ever move down
             if new != old:
                 images[new] = images[old]
         images.flush()
         del images
         row_bytes = resolution * resolution * 3
-        os.truncate(staging / IMAGES_FILE, len(keep) * row_bytes)
-        np.save(staging / LABELS_FILE, np.asarray(labels, dtype=np.int32)[keep])
+        os.truncate(folder / IMAGES_FILE, len(keep) * row_bytes)
+        np.save(folder / LABELS_FILE, np.asarray(labels, dtype=np.int32)[keep])
         manifest = {
             "key": key, "resolution": resolution, "preprocess_version": PREPROCESS_VERSION, "count": len(keep),
             "files": [files[i] for i in keep],
             "skipped": [[files[i], reason] for i, reason in enumerate(reasons) if reason is not None],
         }
-        atomic_write_json(staging / MANIFEST_FILE, manifest)
+        atomic_write_json(folder / MANIFEST_FILE, manifest)
         try:
-            os.replace(staging, cache_root / key)
+            os.replace(folder, cache_root / key)
         except OSError:
             if load_cache(cache_root / key) is None:  # not another builder finishing first: a real failure
                 raise
     finally:
-        remove_path(staging)
+        remove_path(folder)
 
-
-def _remove_abandoned_builds(cache_root: Path, key: str) -> None:
-    """Delete staging folders of this key whose builder process is gone (killed mid-build)."""
-    for staging in cache_root.glob(f".building-{key}-*"):
-        pid_text = staging.name[len(f".building-{key}-"):].split("-", 1)[0]
-        if pid_text.isdigit() and not _process_alive(int(pid_text)):
-            remove_path(staging)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

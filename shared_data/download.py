@@ -6,7 +6,6 @@ import hashlib
 import http.client
 import os
 import tarfile
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from shared_data.registry import DatasetSpec
+from shared_data.staging import make_staging, remove_abandoned
 from shared_data.trash_safe import atomic_write_bytes, remove_path
 
 _CHUNK = 1 << 20
@@ -103,7 +103,7 @@ def safe_extract(archive: Path, dest_parent: Path, folder: str, *, progress: boo
     """Extract `archive` (which must hold `folder/`) into `dest_parent/folder`, all or nothing."""
     dest_parent = Path(dest_parent)
     final = dest_parent / folder
-    staging = Path(tempfile.mkdtemp(prefix=f".extract-{folder}-", dir=dest_parent))
+    staging = make_staging(dest_parent, "extract", folder)
     try:
         try:
             with tarfile.open(archive) as tar:
@@ -131,6 +131,7 @@ def fetch_dataset(spec: DatasetSpec, data_dir: Path, *, allow_download: bool = T
                   progress: bool = True, timeout: float = 30.0) -> Path:
     """The extracted release folder under `data_dir`, extracting or downloading it as needed."""
     data_dir = Path(data_dir)
+    remove_abandoned(data_dir)
     folder = data_dir / spec.folder
     if is_extracted(folder):
         return folder

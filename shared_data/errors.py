@@ -26,6 +26,10 @@ class ConfigError(RunError, ValueError):
     exit_code = USAGE_EXIT_CODE
 
 
+class DataError(RunError):
+    """The data could not be written or read for a reason no flag fixes (disk full, I/O error)."""
+
+
 class NonFiniteLossError(RunError):
     """The training loss became NaN or infinite; the message names the step and the last good checkpoint."""
 

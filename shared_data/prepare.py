@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 
 from shared_data.cache import SplitArrays, list_split, load_or_build
-from shared_data.decode import SkippedFile, skipped_report, stored_resolution
+from shared_data.decode import CorruptImageError, SkippedFile, skipped_report, stored_resolution
 from shared_data.download import DatasetUnavailable, DownloadError, fetch_dataset
-from shared_data.registry import NOISY_LABEL_PERCENTS, SYNTHETIC, get_spec
+from shared_data.errors import ConfigError, DataError
+from shared_data.registry import NOISY_LABEL_PERCENTS, SYNTHETIC, DatasetSpec, get_spec
 from shared_data.synthetic import SYNTHETIC_SIZES, write_synthetic
 
 CACHE_FOLDER = "cache"
@@ -62,16 +63,32 @@ class PreparedData:
 def prepare_data(dataset: str, data_dir: str | os.PathLike = "data", img_size: int = 256, *, seed: int = 0,
                  strict: bool = False, synthetic_size: str = "small", noisy_labels: int = 0,
                  num_workers: int | None = None, allow_download: bool = True, progress: bool = True) -> PreparedData:
-    """The dataset called `dataset`, decoded and cached at stored resolution round(img_size * 292 / 256)."""
+    """The dataset called `dataset`, decoded and cached at stored resolution round(img_size * 292 / 256).
+
+    Raises ConfigError (naming the flag) for a value or a data folder that cannot work, CorruptImageError (a
+    ConfigError) for a file `strict` will not skip, and DataError when the data folder cannot be written or read.
+    """
     spec = get_spec(dataset)
     if not isinstance(img_size, numbers.Integral) or img_size < 8:
-        raise ValueError(f"--img-size: must be an integer of at least 8, got {img_size!r}")
+        raise ConfigError(f"--img-size: must be an integer of at least 8, got {img_size!r}")
     if noisy_labels not in NOISY_LABEL_PERCENTS:
-        raise ValueError(f"--noisy-labels: must be one of {NOISY_LABEL_PERCENTS}, got {noisy_labels!r}")
+        raise ConfigError(f"--noisy-labels: must be one of {NOISY_LABEL_PERCENTS}, got {noisy_labels!r}")
     if synthetic_size not in SYNTHETIC_SIZES:
-        raise ValueError(f"--synthetic-size: unknown size {synthetic_size!r}; "
-                         f"choose one of {', '.join(SYNTHETIC_SIZES)}")
+        raise ConfigError(f"--synthetic-size: unknown size {synthetic_size!r}; "
+                          f"choose one of {', '.join(SYNTHETIC_SIZES)}")
     data_dir = _usable_data_dir(data_dir)
+    try:
+        return _prepare(spec, data_dir, int(img_size), seed=seed, strict=strict, synthetic_size=synthetic_size,
+                        noisy_labels=noisy_labels, num_workers=num_workers, allow_download=allow_download,
+                        progress=progress)
+    except OSError as error:  # a full disk, an I/O error, a folder made unreadable: no flag value fixes it
+        where = error.filename or data_dir
+        raise DataError(f"{where}: {error.strerror or error}; free space or fix the data folder, "
+                        "or point --data-dir elsewhere") from None
+
+
+def _prepare(spec: DatasetSpec, data_dir: Path, img_size: int, *, seed: int, strict: bool, synthetic_size: str,
+             noisy_labels: int, num_workers: int | None, allow_download: bool, progress: bool) -> PreparedData:
     fell_back = False
     if spec.name == SYNTHETIC:
         root = write_synthetic(data_dir, size=synthetic_size, seed=seed, num_workers=num_workers, progress=progress)
@@ -79,7 +96,7 @@ def prepare_data(dataset: str, data_dir: str | os.PathLike = "data", img_size: i
         try:
             root = fetch_dataset(spec, data_dir, allow_download=allow_download, progress=progress)
         except DownloadError as error:  # an archive that is there but bad: the user must act, not fall back
-            raise ValueError(f"--data-dir: {error}") from None
+            raise ConfigError(f"--data-dir: {error}") from None
         except DatasetUnavailable as error:
             _warn_fallback(str(error), spec.name)
             spec, fell_back = get_spec(SYNTHETIC), True
@@ -90,29 +107,31 @@ def prepare_data(dataset: str, data_dir: str | os.PathLike = "data", img_size: i
     splits: dict[str, SplitArrays] = {}
     skipped: list[SkippedFile] = []
     for split in ("train", "val"):
-        files, labels = list_split(root, split, spec.class_ids)
-        splits[split], split_skipped, _ = load_or_build(
+        files, labels, refused = list_split(root, split, spec.class_ids)
+        if strict and refused:
+            raise CorruptImageError(root / refused[0].path, refused[0].reason)
+        splits[split], decode_skipped, _ = load_or_build(
             root, spec.name, split, files, labels, resolution, cache_root,
             num_workers=num_workers, strict=strict, progress=progress)
-        skipped.extend(split_skipped)
+        skipped.extend(sorted(refused + decode_skipped))
     if noisy_labels:
         train = splits["train"]
         splits["train"] = dataclasses.replace(
             train, labels=_noisy_train_labels(root / spec.noisy_csv, train, noisy_labels, spec.class_ids))
     return PreparedData(spec.name, fell_back, spec.class_ids, spec.class_names, splits["train"], splits["val"],
-                        skipped, cache_root, root, int(img_size), noisy_labels)
+                        skipped, cache_root, root, img_size, noisy_labels)
 
 
 def _usable_data_dir(data_dir: str | os.PathLike) -> Path:
     path = Path(data_dir)
     if path.exists() and not path.is_dir():
-        raise ValueError(f"--data-dir: {path} exists but is not a folder; point it at a folder")
+        raise ConfigError(f"--data-dir: {path} exists but is not a folder; point it at a folder")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise ValueError(f"--data-dir: cannot create {path} ({error.strerror}); choose a writable folder") from None
+        raise ConfigError(f"--data-dir: cannot create {path} ({error.strerror}); choose a writable folder") from None
     if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
-        raise ValueError(f"--data-dir: {path} is not readable and writable; fix its permissions or choose another")
+        raise ConfigError(f"--data-dir: {path} is not readable and writable; fix its permissions or choose another")
     return path
 
 
@@ -127,7 +146,7 @@ def _warn_fallback(reason: str, wanted: str) -> None:
 def _noisy_train_labels(csv_path: Path, train: SplitArrays, percent: int, class_ids: tuple[str, ...]) -> np.ndarray:
     """The release's noisy training labels at `percent`; files the list does not name keep their label."""
     if not csv_path.is_file():
-        raise ValueError(f"--noisy-labels: {csv_path} is missing, so noisy labels are unavailable; use 0")
+        raise ConfigError(f"--noisy-labels: {csv_path} is missing, so noisy labels are unavailable; use 0")
     index_of = {wnid: i for i, wnid in enumerate(class_ids)}
     column = f"noisy_labels_{percent}"
     with open(csv_path, newline="") as handle:

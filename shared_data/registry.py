@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from shared_data.errors import ConfigError
+
 SYNTHETIC = "synthetic"
 NOISY_LABEL_PERCENTS = (0, 1, 5, 25, 50)
 _BASE_URL = "https://s3.amazonaws.com/fast-ai-imageclas/"
@@ -97,8 +99,8 @@ DATASET_NAMES = tuple(DATASETS)
 
 
 def get_spec(name: str) -> DatasetSpec:
-    """The release called `name`; ValueError naming --dataset when there is none."""
+    """The release called `name`; ConfigError naming --dataset when there is none."""
     try:
         return DATASETS[name]
     except KeyError:
-        raise ValueError(f"--dataset: unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}") from None
+        raise ConfigError(f"--dataset: unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}") from None

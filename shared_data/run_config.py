@@ -251,13 +251,20 @@ def prepare_run_dir(config: dict[str, Any], extra: dict[str, Any] | None = None)
             raise ConfigError(f"--resume: {run_dir} was started with different settings ({diffs}); "
                               "use a new --run-name or the original flags")
         record["resumed_from_config"] = str(config_path)
-        atomic_write_json(run_dir / "config.resume.json", record)
+        _write_record(run_dir / "config.resume.json", record)
         return run_dir
     if config_path.exists():
         raise ConfigError(f"--run-name: {run_dir} already exists; pass --resume to continue it or pick another name")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(config_path, record)
+    _write_record(config_path, record)
     return run_dir
+
+
+def _write_record(path: Path, record: dict[str, Any]) -> None:
+    """Write `path` and the folders above it; a place that cannot be written is the --logdir flag's to fix."""
+    try:
+        atomic_write_json(path, record)
+    except OSError as error:
+        raise ConfigError(f"--logdir: cannot write {path} ({error.strerror}); choose a writable --logdir") from None
 
 
 def parse_or_exit(parser: argparse.ArgumentParser, stack: str, argv: list[str] | None = None) -> dict[str, Any]:

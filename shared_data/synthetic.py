@@ -6,7 +6,6 @@ import colorsys
 import csv
 import io
 import os
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -14,7 +13,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from shared_data.errors import ConfigError
 from shared_data.registry import IMAGENETTE_CLASSES, IMAGENETTE_COUNTS, NOISY_LABEL_PERCENTS
+from shared_data.staging import make_staging, remove_abandoned
 from shared_data.trash_safe import atomic_write_json, remove_path
 
 # (train, val) images per class; "imagenette" mirrors the real release: 9,469 and 3,925 images.
@@ -89,13 +90,14 @@ def write_synthetic(data_dir: str | Path, *, size: str = "small", seed: int = 0,
                     progress: bool = True) -> Path:
     """Write (once) the synthetic dataset of `size` and `seed` under `data_dir` and return its folder."""
     if size not in SYNTHETIC_SIZES:
-        raise ValueError(f"--synthetic-size: unknown size {size!r}; choose one of {', '.join(SYNTHETIC_SIZES)}")
+        raise ConfigError(f"--synthetic-size: unknown size {size!r}; choose one of {', '.join(SYNTHETIC_SIZES)}")
     data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    remove_abandoned(data_dir)
     final = data_dir / synthetic_folder(size, seed)
     if (final / _INFO_FILE).exists():
         return final
-    data_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=data_dir))
+    staging = make_staging(data_dir, "synthetic", final.name)
     try:
         jobs = []
         for split_id, split in enumerate(("train", "val")):

@@ -1,4 +1,4 @@
-"""Bad files in the dataset folder: training runs on, and the run's data report lists each one."""
+"""Bad files and links in the dataset folder: training runs on, and the run's data report lists each one."""
 
 from __future__ import annotations
 
@@ -60,9 +60,12 @@ def bad_dataset(tmp_path_factory) -> tuple[Path, set[str], set[str]]:
     shutil.copyfile(a_good_jpeg, unreadable)
     os.chmod(unreadable, 0)
     at("val", 6, "zero_bytes_val.JPEG").write_bytes(b"")
+    at("train", 7, "outside_link.JPEG").symlink_to(shutil.copyfile(a_good_jpeg, data_dir / "elsewhere.JPEG"))
+    at("train", 8, "dangling_link.JPEG").symlink_to(data_dir / "deleted.JPEG")
     skipped = {f"train/{classes[1]}/zero_bytes.JPEG", f"train/{classes[2]}/truncated.JPEG",
                f"train/{classes[4]}/README.txt", f"train/{classes[5]}/{UNREADABLE_NAME}",
-               f"val/{classes[6]}/zero_bytes_val.JPEG"}
+               f"val/{classes[6]}/zero_bytes_val.JPEG", f"train/{classes[7]}/outside_link.JPEG",
+               f"train/{classes[8]}/dangling_link.JPEG"}
     return data_dir, skipped, {f"train/{classes[3]}/png_inside.JPEG"}
 
 
@@ -99,5 +102,5 @@ def test_training_runs_on_past_bad_files_and_report_lists_them(stack, tmp_path, 
     assert "empty" in skipped[next(p for p in must_skip if p.endswith("zero_bytes.JPEG"))]
     assert not must_load & set(skipped), "a PNG named .JPEG is a valid image and must load"
     if "train_images" in report:  # PreparedData.report() has it; a bare skipped list does not
-        assert report["train_images"] == TINY_TRAIN_IMAGES + 1  # the PNG joins, the 4 bad ones do not
+        assert report["train_images"] == TINY_TRAIN_IMAGES + 1  # the PNG joins, the 4 bad files and 2 links do not
     assert (run_dir / "summary.json").is_file(), f"{stack}: the run did not finish"

@@ -107,20 +107,36 @@ def test_a_run_resumed_after_an_epoch_end_writes_each_epoch_once(same_init_runs,
     assert summary["epochs_completed"] == 3 and summary["partial_epochs"] == []
 
 
-@pytest.mark.parametrize("stack", stacks.STACKS)
-def test_an_epoch_split_by_a_resume_is_marked_partial_and_left_out_of_the_medians(tmp_path, synthetic_data_dir,
-                                                                                 compilation_cache, stack):
+@pytest.fixture(scope="module")
+def split_runs(tmp_path_factory, synthetic_data_dir, compilation_cache) -> Path:
+    """Both stacks stopped after step 9 (their last save at step 8, mid-epoch 2), then resumed, in one logdir."""
+    logdir = tmp_path_factory.mktemp("split")
     flags = ["--epochs", "2", "--checkpoint-every-steps", "4"]
-    with pytest.raises(Interrupt):
-        stacks.train(stack, tmp_path, synthetic_data_dir, *flags, extras=[interrupt_after(stack, 9)])
-    stacks.train(stack, tmp_path, synthetic_data_dir, *flags, "--resume")  # from the step-8 checkpoint
-    run_dir = tmp_path / stack / "run"
+    for stack in stacks.STACKS:
+        with pytest.raises(Interrupt):
+            stacks.train(stack, logdir, synthetic_data_dir, *flags, extras=[interrupt_after(stack, 9)])
+        stacks.train(stack, logdir, synthetic_data_dir, *flags, "--resume")
+    return logdir
+
+
+@pytest.mark.parametrize("stack", stacks.STACKS)
+def test_an_epoch_split_by_a_resume_is_marked_partial_and_left_out_of_the_medians(split_runs, stack):
+    run_dir = split_runs / stack / "run"
     steps_timed = dict(stacks.scalars(run_dir)[tags.EPOCH_STEPS_TIMED])
     assert steps_timed == {1: STEPS_PER_EPOCH, 2: 2 * STEPS_PER_EPOCH - 8}
     summary = stacks.summary(run_dir)
     assert summary["partial_epochs"] == [2]
     epoch_1 = dict(stacks.scalars(run_dir)[tags.EPOCH_TRAIN_IMAGES_PER_S])[1]
     assert summary["images_per_s"]["train"] == pytest.approx(epoch_1)
+
+
+def test_the_report_on_resumed_runs_has_no_zero_epoch_and_names_the_split_one(split_runs, tmp_path):
+    from scripts import compare
+
+    report = compare.compare(split_runs, tmp_path / "report", figures=False).read_text()
+    assert "`lightning/run` epoch 2 (partial" in report and "`flax/run` epoch 2 (partial" in report
+    assert "lightning/run (resumed)" in report and "flax/run (resumed)" in report
+    assert " 0.0 |" not in report.split("### Per stack")[1].split("###")[0]  # no zero time or rate
 
 
 @pytest.mark.parametrize("stack", stacks.STACKS)

@@ -14,6 +14,7 @@ import pytest
 from shared_data import decode
 from shared_data.cache import MANIFEST_FILE, cache_key, list_split, load_cache, load_or_build, source_fingerprint
 from shared_data.registry import get_spec
+from tests.test_data_staging import staging_of_a_dead_process
 
 CLASS_IDS = get_spec("synthetic").class_ids
 
@@ -25,7 +26,7 @@ def release(synthetic_data_dir, tmp_path):
 
 
 def _build(release, cache_root, num_workers=2):
-    files, labels = list_split(release, "val", CLASS_IDS)
+    files, labels, _ = list_split(release, "val", CLASS_IDS)
     return load_or_build(release, "synthetic", "val", files, labels, 24, cache_root, num_workers=num_workers,
                          progress=False)
 
@@ -68,7 +69,7 @@ def test_build_killed_mid_way_leaves_nothing_that_looks_complete(release, tmp_pa
             return real_decode(*args, **kwargs)
         decode.try_decode_square = slow_decode
         release, cache_root = Path({str(release)!r}), Path({str(cache_root)!r})
-        files, labels = list_split(release, "val", get_spec("synthetic").class_ids)
+        files, labels, _ = list_split(release, "val", get_spec("synthetic").class_ids)
         load_or_build(release, "synthetic", "val", files, labels, 24, cache_root, num_workers=1, progress=False)
     """)
     builder = subprocess.Popen([sys.executable, "-c", script])
@@ -85,14 +86,12 @@ def test_build_killed_mid_way_leaves_nothing_that_looks_complete(release, tmp_pa
 
 
 def test_killed_build_leftovers_are_ignored_and_removed(release, tmp_path):
-    files, _ = list_split(release, "val", CLASS_IDS)
+    files, _, _ = list_split(release, "val", CLASS_IDS)
     key = cache_key("synthetic", "val", 24, source_fingerprint(release, files))
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
     cache_root = tmp_path / "cache"
+    cache_root.mkdir()
     # A builder killed mid-way leaves its staging folder; another leaves a final-named folder with no manifest.
-    (cache_root / f".building-{key}-{dead.pid}-abc123").mkdir(parents=True)
-    (cache_root / f".building-{key}-{dead.pid}-abc123" / "images.u8").write_bytes(b"\0" * 100)
+    staging_of_a_dead_process(cache_root, "building", key)
     (cache_root / key).mkdir()
     (cache_root / key / "images.u8").write_bytes(b"\0" * 100)
     assert load_cache(cache_root / key) is None
