@@ -1,21 +1,25 @@
-"""Orbax checkpoints for the Flax stack: best+latest retention, trash-safe deletion, list/verify helpers."""
+"""Orbax checkpoints for the Flax stack: best+latest retention, checksums, trash-safe deletion, list/verify helpers."""
 
 from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
+import gc
 import json
 import logging
 import sys
 import time
+import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
-from shared_data.errors import CheckpointError, CheckpointSaveError
+from shared_data import checksums
+from shared_data.errors import CheckpointDamagedError, CheckpointError, CheckpointSaveError
 from shared_data.retention import CheckpointInfo, kept_steps
 from shared_data.trash_safe import remove_path, tree_size
 
@@ -30,6 +34,8 @@ _COMPLETE_MARKER = "_CHECKPOINT_METADATA"
 # Orbax renames retired step folders into this subfolder (CheckpointManagerOptions.todelete_subdir) instead of
 # unlinking their files in place; we then empty and remove it through shared_data.trash_safe.
 RETIRED_SUBDIR = ".retired"
+# Orbax stamps the commit time into this file of the step folder after our checksums are written: not summed.
+_STAMPED_AT_COMMIT = (_COMPLETE_MARKER,)
 
 log = logging.getLogger(__name__)
 
@@ -102,22 +108,30 @@ def remove_leftovers(run_dir: str | Path) -> list[Path]:
 
 
 def verify_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint folder fully; return its meta or raise CheckpointError with a one-line reason."""
-    path = Path(path)
+    """Check a checkpoint folder's checksums and read it fully; return its meta or raise CheckpointError with a
+    one-line reason (CheckpointDamagedError when it is proven damaged)."""
+    path = Path(path).absolute()  # Orbax takes a relative path for one below its own working folder
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint folder")
     if ORBAX_TMP_MARKER in path.name or not _is_complete(path):
-        raise CheckpointError(f"{path}: incomplete save (interrupted while writing); delete it")
-    meta = _read_meta(path)
+        raise CheckpointDamagedError(f"{path}: incomplete save (interrupted while writing); delete it")
     try:
-        with ocp.StandardCheckpointer() as checkpointer:
-            restored = checkpointer.restore(path / STATE_ITEM)
-        jax.block_until_ready(restored)
-    except Exception as error:  # orbax and tensorstore raise many types; all mean "unreadable"
-        raise CheckpointError(f"{path}: cannot be restored ({type(error).__name__}: {_first_line(error)})") from None
+        restored = checksums.read_with_retries(functools.partial(_read_state, path))
+    except CheckpointError:
+        raise
+    except Exception as error:  # orbax and tensorstore raise many types
+        raise checksums.unreadable(path, error) from None
     if int(restored["step"]) != int(path.name):
         raise CheckpointError(f"{path}: holds step {int(restored['step'])}, not {path.name}")
-    return meta or {}
+    return _read_meta(path) or {}
+
+
+def _read_state(path: Path) -> Any:
+    """The state item of a step folder, read whole after its checksums (if it has them) are found to match."""
+    checksums.check_sums(path / checksums.FOLDER_SUMS, path)
+    with ocp.StandardCheckpointer() as checkpointer:
+        restored = checkpointer.restore(path / STATE_ITEM)
+    return jax.block_until_ready(restored)
 
 
 def _first_line(error: BaseException) -> str:
@@ -165,13 +179,25 @@ def _is_disk_full(error: BaseException) -> bool:
     return False
 
 
-class _WithoutOrbaxTraceback(logging.Filter):
-    """Keeps Orbax's error lines but not their tracebacks: a failed save ends in our one-line CheckpointSaveError."""
+def _shapes_by_key(tree: Any) -> dict[str, tuple[int, ...]]:
+    """Every array of a state tree (or of Orbax's metadata of one) by its key path, e.g. "opt_state/1/0/mu/w"."""
+    # Orbax's metadata holds dicts and lists where the state has dataclasses and named tuples: name keys alike.
+    def name(key: Any) -> str:
+        return str(next(getattr(key, field) for field in ("key", "name", "idx") if hasattr(key, field)))
+
+    return {"/".join(map(name, path)): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+class _QuietOrbaxFailures(logging.Filter):
+    """Drops Orbax's error records and the tracebacks of its other records: every save or restore that fails
+    reaches the user as our one-line CheckpointSaveError or CheckpointError instead."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if "orbax" in record.pathname:
-            record.exc_info, record.exc_text, record.stack_info = None, None, None
-        return True
+        if "orbax" not in record.pathname:
+            return True
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return record.levelno < logging.ERROR
 
 
 class _DropClosedLoopErrors:
@@ -193,29 +219,47 @@ class _DropClosedLoopErrors:
 
 
 class Checkpointer:
-    """An Orbax CheckpointManager with asynchronous saves, best+latest retention and trash-safe deletion."""
+    """An Orbax CheckpointManager with asynchronous saves, checksums, best+latest retention and trash-safe deletion.
 
-    def __init__(self, run_dir: str | Path, keep: int, *, asynchronous: bool = True) -> None:
+    Each save's files are summed (checksums.FOLDER_SUMS) once written and before Orbax renames the save into
+    place, so every published checkpoint carries its sums; a failed save is named by its own step, whenever it
+    surfaces.
+    """
+
+    def __init__(self, run_dir: str | Path, keep: int) -> None:
         self.directory = checkpoint_dir(run_dir).absolute()
         if jax.process_index() == 0:
             remove_leftovers(run_dir)
             self.directory.mkdir(parents=True, exist_ok=True)
+        self._pending: int | None = None  # the step of the save in flight
+        self._failed = False  # a save failed and was reported: Orbax raising it again at close() is not news
         options = ocp.CheckpointManagerOptions(
             preservation_policy=retention_policy(keep, self.directory),
-            enable_async_checkpointing=asynchronous,
+            enable_async_checkpointing=True,
+            # Runs in Orbax's background thread (process 0) after the last file is written, before the commit rename.
+            async_options=ocp.AsyncOptions(post_finalization_callback=self._sum_pending_save),
             # Left False: Orbax would rmtree them itself; remove_leftovers() did it trash-safely above.
             cleanup_tmp_directories=False,
             # Retired checkpoints are only renamed by Orbax; empty_retired() deletes them trash-safely.
             todelete_subdir=RETIRED_SUBDIR,
             create=True,
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=(STATE_ITEM, META_ITEM))
-        # Orbax logs a save that fails in its background thread with a traceback through absl, then raises it
-        # to us; while this checkpointer lives, its records keep their message only.
-        self._log_filter = _WithoutOrbaxTraceback()
+        # Handlers named up front, so a checkpoint's tree can be read (item_metadata) before anything is restored.
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
+            STATE_ITEM: ocp.StandardCheckpointHandler(), META_ITEM: ocp.JsonCheckpointHandler()})
+        # Orbax logs a save that fails in its background thread with tracebacks through absl, then raises it to us;
+        # while this checkpointer lives, the failure is said once, by us.
+        self._log_filter = _QuietOrbaxFailures()
         logging.getLogger("absl").addFilter(self._log_filter)
         self._unraisable_hook = _DropClosedLoopErrors()
         sys.unraisablehook = self._unraisable_hook
+
+    def _partial_saves(self, step: int | None) -> list[Path]:
+        return sorted(self.directory.glob(f"{step}{ORBAX_TMP_MARKER}*"))
+
+    def _sum_pending_save(self) -> None:
+        (folder,) = self._partial_saves(self._pending)
+        checksums.sum_folder(folder, skip=_STAMPED_AT_COMMIT)
 
     def empty_retired(self) -> None:
         """Delete the checkpoints Orbax has retired so far, every file emptied first (process 0 only)."""
@@ -226,69 +270,128 @@ class Checkpointer:
         return self._manager.latest_step()
 
     def save(self, step: int, state: Any, meta: dict[str, Any], val_accuracy: float | None) -> float:
-        """Start an asynchronous save; return the seconds the caller was blocked (waiting for the previous included)."""
+        """Start an asynchronous save; return the seconds the caller was blocked (waiting for the previous included).
+
+        Raises CheckpointSaveError naming the step whose save failed: this one, or the previous one still in flight.
+        """
         start = time.perf_counter()
         metrics = None if val_accuracy is None else {VAL_ACCURACY_METRIC: float(val_accuracy)}
+        # One asynchronous save at a time (Orbax would wait here anyway); once it is done, nothing is renaming into
+        # the retired folder while it is emptied.
+        self._finish_pending()
+        self._pending = step
         try:
-            # One asynchronous save at a time (Orbax would wait here anyway); once it is done, nothing is
-            # renaming into the retired folder while it is emptied.
-            self._manager.wait_until_finished()
-            self.empty_retired()
             self._manager.save(
                 step, metrics=metrics, args=ocp.args.Composite(**{
                     STATE_ITEM: ocp.args.StandardSave(state), META_ITEM: ocp.args.JsonSave(meta)}),
             )
         except Exception as error:
-            self._raise_save_error(step, error)
+            self._save_failed(error)
         return time.perf_counter() - start
 
     def wait(self) -> float:
         """Block until the pending save is on disk; return the seconds waited."""
         start = time.perf_counter()
+        self._finish_pending()
+        return time.perf_counter() - start
+
+    def _finish_pending(self) -> None:
         try:
             self._manager.wait_until_finished()
         except Exception as error:
-            self._raise_save_error(None, error)
+            self._save_failed(error)
+        self._pending = None
         self.empty_retired()
-        return time.perf_counter() - start
 
-    def _raise_save_error(self, step: int | None, error: BaseException) -> None:
-        which = f"checkpoint of step {step}" if step is not None else "the last checkpoint"
+    def _save_failed(self, error: BaseException) -> NoReturn:
+        """Remove what the failed save of the pending step wrote (every file emptied first), then raise its error."""
+        step, self._pending, self._failed = self._pending, None, True
+        _collect_unawaited(error)
+        if jax.process_index() == 0:
+            for partial in self._partial_saves(step):
+                try:
+                    remove_path(partial)
+                except OSError:  # still being written to: the next start removes it (remove_leftovers)
+                    pass
         if _is_disk_full(error):
             raise CheckpointSaveError(
-                f"disk full while saving {which} in {self.directory}: free space there or lower "
-                "--keep-checkpoints; the previous complete checkpoint is intact"
+                f"disk full while saving the checkpoint of step {step} in {self.directory}: free space there or lower "
+                "--keep-checkpoints, then --resume; the previous complete checkpoint is intact"
             ) from None
-        raise CheckpointSaveError(f"saving {which} in {self.directory} failed: {_first_line(error)}") from error
+        raise CheckpointSaveError(f"saving the checkpoint of step {step} in {self.directory} failed "
+                                  f"({_first_line(error)}); the previous complete checkpoint is intact") from None
 
     def restore_latest(self, abstract_state: Any) -> tuple[Any, dict[str, Any]] | None:
-        """Restore the newest complete checkpoint into `abstract_state`'s shapes and shardings.
+        """Restore the newest checkpoint that is not damaged into `abstract_state`'s shapes and shardings; None when
+        the run has no checkpoint.
 
-        A checkpoint that fails to load is reported, deleted (it would otherwise block saving that step
-        again) and the previous one is tried; None when there is nothing to restore.
+        A checkpoint proven damaged (a file differs from its checksum, or no commit marker) is named in a one-line
+        warning and the one before it is tried; the damaged ones are deleted once one restores (they would block
+        saving their steps again). Raises CheckpointError, deleting nothing, for a checkpoint that still cannot be
+        read after retries, that does not fit `abstract_state`, or that fails to restore for another reason, and when
+        every checkpoint is damaged: a resume never starts again from step 0 while checkpoints exist.
         """
+        damaged: list[Path] = []
         for step in sorted(self._manager.all_steps(), reverse=True):
             path = self.directory / str(step)
             try:
-                restored = self._manager.restore(step, args=ocp.args.Composite(**{
-                    STATE_ITEM: ocp.args.StandardRestore(abstract_state), META_ITEM: ocp.args.JsonRestore(),
-                }))
-                return restored[STATE_ITEM], dict(restored[META_ITEM])
-            except Exception as error:  # any failure to read means "corrupted"; fall back to the previous
-                log.warning("checkpoint %s cannot be restored (%s); using the previous one", path, _first_line(error))
-                print(f"warning: checkpoint {path} cannot be restored ({type(error).__name__}); "
-                      "falling back to the previous one", flush=True)
-                remove_step_dir(path)
-                self._manager.reload()
+                restored = checksums.read_with_retries(functools.partial(self._restore, step, abstract_state))
+            except CheckpointDamagedError as error:
+                print(f"warning: skipping damaged checkpoint: {error}", flush=True)
+                damaged.append(path)
+                continue
+            except CheckpointError:
+                raise
+            except Exception as error:  # orbax and tensorstore raise many types
+                raise checksums.unreadable(path, error) from None
+            for damaged_path in damaged:
+                remove_step_dir(damaged_path)
+            self._manager.reload()
+            return restored
+        if damaged:
+            raise checksums.all_damaged(self.directory, damaged)
         return None
 
+    def _restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+        path = self.directory / str(step)
+        if not (path / _COMPLETE_MARKER).is_file():
+            raise CheckpointDamagedError(f"{path} is damaged: its save never completed (no commit marker)")
+        checksums.check_sums(path / checksums.FOLDER_SUMS, path)
+        mismatch = CheckpointError.not_fitting(path, _shapes_by_key(self._manager.item_metadata(step)[STATE_ITEM]),
+                                               _shapes_by_key(abstract_state))
+        if mismatch is not None:
+            raise mismatch
+        restored = self._manager.restore(step, args=ocp.args.Composite(**{
+            STATE_ITEM: ocp.args.StandardRestore(abstract_state), META_ITEM: ocp.args.JsonRestore(),
+        }))
+        return restored[STATE_ITEM], dict(restored[META_ITEM])
+
     def close(self) -> None:
-        """Finish pending saves and deletions."""
+        """Finish the pending save and deletions; raises CheckpointSaveError naming the step when that save failed
+        (a failure already raised is not raised again)."""
         try:
-            self._manager.close()
-        except Exception as error:
-            self._raise_save_error(None, error)
+            if not self._failed:
+                self._finish_pending()
         finally:
-            logging.getLogger("absl").removeFilter(self._log_filter)
-            self._unraisable_hook.uninstall()
+            try:
+                self._manager.close()
+            except Exception:  # Orbax raises a failed save again on closing; it was raised above, or before
+                pass
+            finally:
+                logging.getLogger("absl").removeFilter(self._log_filter)
+                self._unraisable_hook.uninstall()
         self.empty_retired()
+
+
+def _collect_unawaited(error: BaseException) -> None:
+    """Drop the tracebacks of a failed save's error and of those it came from: their frames hold the coroutines an
+    aborted TensorStore write never awaited, each of which would otherwise print a traceback or a warning when
+    collected at exit. Collect them now, without the "never awaited" warning."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        error.__traceback__ = None
+        error = error.__cause__ or error.__context__
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
+        gc.collect()

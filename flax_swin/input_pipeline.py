@@ -11,6 +11,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from shared_data import batches
+from shared_data.augment import Augmentation
 from shared_data.loader import BatchLoader
 from shared_data.normalize import MEAN, STD
 
@@ -25,17 +26,18 @@ def _prefetch(num_workers: int) -> int:
 
 
 def train_batches(split: Any, *, seed: int, epoch: int, first: int, last: int, batch_size: int, img_size: int,
-                  num_workers: int) -> BatchLoader:
+                  num_workers: int, augment: Augmentation | None = None) -> BatchLoader:
     """Training batches `first`..`last - 1` of `epoch` (0-based), in order: (images uint8 [b, S, S, 3],
-    labels int32 [b]) with b = batch_size / processes; a pure function of (seed, epoch, index), see batches.py."""
-    fn = functools.partial(_train_batch, split, seed, epoch, batch_size, img_size)
+    labels int32 [b]) with b = batch_size / processes, or with `augment` (images float32, labels, soft targets);
+    a pure function of (seed, epoch, index), see batches.py."""
+    fn = functools.partial(_train_batch, split, seed, epoch, batch_size, img_size, augment)
     return BatchLoader(fn, range(first, last), num_workers, prefetch=_prefetch(num_workers))
 
 
-def _train_batch(split: Any, seed: int, epoch: int, batch_size: int, img_size: int,
-                 index: int) -> tuple[np.ndarray, np.ndarray]:
+def _train_batch(split: Any, seed: int, epoch: int, batch_size: int, img_size: int, augment: Augmentation | None,
+                 index: int) -> tuple[np.ndarray, ...]:
     return batches.train_batch(split, seed=seed, epoch=epoch, index=index, batch_size=batch_size, img_size=img_size,
-                               **_shard())
+                               augment=augment, **_shard())
 
 
 def val_batches(split: Any, *, batch_size: int, img_size: int, num_workers: int) -> BatchLoader:
@@ -58,7 +60,12 @@ def to_global(local: tuple[np.ndarray, ...], sharding: NamedSharding) -> tuple[j
 
 
 def normalize_images(images: jax.Array) -> jax.Array:
-    """uint8 NHWC [B, H, W, 3] -> float32 (x / 255 - MEAN) / STD, on the device (MEAN, STD: shared_data.normalize)."""
+    """uint8 NHWC [B, H, W, 3] -> float32 (x / 255 - MEAN) / STD, on the device (MEAN, STD: shared_data.normalize).
+
+    Float images come normalised from the host (shared_data.augment) and pass through unchanged.
+    """
+    if images.dtype != jnp.uint8:
+        return images
     mean = jnp.asarray(MEAN, jnp.float32)
     std = jnp.asarray(STD, jnp.float32)
     return (images.astype(jnp.float32) / 255.0 - mean) / std

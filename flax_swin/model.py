@@ -195,9 +195,10 @@ class WindowAttention(nnx.Module):
             qkv = qkv + jnp.concatenate([self.q_bias[...], zeros, self.v_bias[...]]).astype(qkv.dtype)
         qkv = qkv.reshape(windows, tokens, 3, self.num_heads, -1).transpose(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
-        scale = jnp.exp(jnp.minimum(self.logit_scale[...], MAX_LOGIT_SCALE))
-        # Logits, bias and softmax stay float32 even for bf16 activations: cosine logits are O(100).
-        attn = (_normalize(q) @ _normalize(k).swapaxes(-2, -1)).astype(jnp.float32) * scale
+        # The official order, in float32 even for bf16 activations: cosine logits, times the temperature, plus the
+        # position bias, softmax. The logits reach 100 and the bias 16, where bf16 keeps only 2 to 3 digits.
+        attn = _normalize(q.astype(jnp.float32)) @ _normalize(k.astype(jnp.float32)).swapaxes(-2, -1)
+        attn = attn * jnp.exp(jnp.minimum(self.logit_scale[...], MAX_LOGIT_SCALE))
         additive = self.position_bias()
         if mask is not None:
             # One [nW, heads, N, N] term broadcast over the batch, instead of two separate adds.

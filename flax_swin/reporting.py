@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterable
 
 import jax
 from tensorboardX import SummaryWriter
 from tensorboardX.proto.summary_pb2 import Summary
 from tqdm import tqdm
 
-from shared_data import environment, tags
+from shared_data import environment, event_files, tags
 from shared_data.run_report import EpochResult
 
 
@@ -33,12 +34,17 @@ def device_peak_mb() -> float | None:
 class Reporter:
     """Writes the shared TensorBoard tags and drives the progress bar; on processes other than 0 it does nothing.
 
-    With `step_tags` False (--step-timing off) only the epoch tags are written.
+    With `step_tags` False (--step-timing off) only the epoch tags are written. A resumed run passes the
+    `purge_step` and the `replay` points of shared_data.event_files.resume_purge, so that its event files hold
+    each step once.
     """
 
-    def __init__(self, run_dir: Path, total_steps: int, start_step: int, enabled: bool, step_tags: bool = True) -> None:
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int, enabled: bool, step_tags: bool = True,
+                 purge_step: int | None = None, replay: Iterable[event_files.Point] = ()) -> None:
         self.step_tags = step_tags  # False (--step-timing off): the epoch tags only
-        self.writer = SummaryWriter(logdir=str(run_dir), flush_secs=30) if enabled else None
+        self.writer = SummaryWriter(logdir=str(run_dir), flush_secs=30, purge_step=purge_step) if enabled else None
+        if self.writer is not None:
+            event_files.write_points(self.writer, replay)
         self.bar = (tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, smoothing=0.1)
                     if enabled else None)
 
@@ -63,8 +69,9 @@ class Reporter:
             if step % 10 == 0 or step == 1:
                 self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
 
-    def epoch(self, result: EpochResult, epochs: int) -> None:
-        """The epoch tags (step = 1-based epoch), host and device peak memory, and the epoch's line."""
+    def epoch_validated(self, result: EpochResult) -> None:
+        """The epoch tags known once its validation is over (step = 1-based epoch), host and device peak memory,
+        flushed to disk with every step tag before them: call it before the epoch's checkpoint is saved."""
         if self.writer is None:
             return
         scalars = dict(result.scalars())
@@ -72,9 +79,19 @@ class Reporter:
         peak = device_peak_mb()
         if peak is not None:
             scalars[tags.DEVICE_PEAK_MB] = peak
-        for tag, value in scalars.items():
-            self.writer.add_scalar(tag, value, result.epoch)
+        self._write_epoch(scalars, result.epoch)
+
+    def epoch_done(self, result: EpochResult, epochs: int) -> None:
+        """The epoch's checkpoint and wall times, which include its save (flushed), and the epoch's line."""
+        if self.writer is None:
+            return
+        self._write_epoch(result.closing_scalars(), result.epoch)
         self.bar.write(result.line(epochs))
+
+    def _write_epoch(self, scalars: dict[str, float], epoch: int) -> None:
+        for tag, value in scalars.items():
+            self.writer.add_scalar(tag, value, epoch)
+        self.writer.flush()
 
     def close(self) -> None:
         """Flush the event file and end the bar."""

@@ -27,9 +27,8 @@ from flax_swin.configs import default as default_config
 from flax_swin.model import create_model, decay_mask
 from flax_swin.weights import load_pretrained
 from flax_swin.reporting import Reporter, StepProfiler, device_description
-from shared_data import batches, run_config, run_report
+from shared_data import augment, batches, event_files, run_config, run_report
 from shared_data.errors import ConfigError, NonFiniteLossError
-from shared_data.swin_weights import WeightsFormatError
 from shared_data.trash_safe import atomic_write_bytes, atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -99,10 +98,14 @@ def create_model_and_state(config: ml_collections.ConfigDict, num_classes: int, 
                            steps_per_epoch: int) -> tuple[nnx.GraphDef, TrainState, Any, optax.GradientTransformation]:
     """The model split into (graph, params, rest), with params and optimiser state replicated over the mesh.
 
-    The parameters are the seed's initialisation, or the weights of --init-from (the head kept at its
+    The parameters are the seed's initialisation, or the weights of --pretrained (the head kept at its
     initialisation when its class count differs); raises ConfigError when those weights do not fit.
     """
     dtype = jnp.bfloat16 if config.precision == "bf16" else jnp.float32
+    # float32 means full float32 in both stacks: on a GPU, XLA's default precision would use TF32 for float32
+    # matmuls and convolutions, where torch keeps full float32 (README, "On a GPU"). No effect on a CPU.
+    if config.precision == "fp32":
+        jax.config.update("jax_default_matmul_precision", "highest")
     # Built under one jit: eagerly, every initializer of every shape compiles on its own (103 XLA programs,
     # 7.0 s for the nano model on a 2-core CPU, against 4.5 s jitted), with bitwise the same parameters.
     def build() -> nnx.Module:
@@ -110,13 +113,8 @@ def create_model_and_state(config: ml_collections.ConfigDict, num_classes: int, 
                             img_size=config.img_size, drop_path_rate=config.drop_path, dtype=dtype)
 
     model = nnx.jit(build)()
-    if config.init_from:
-        try:
-            report = load_pretrained(model, config.init_from)
-        except WeightsFormatError as error:
-            raise ConfigError(f"--init-from: {error}") from None
-        if jax.process_index() == 0:
-            print(f"--init-from: {report}", flush=True)
+    if config.pretrained:
+        run_config.load_pretrained(load_pretrained, model, config.pretrained, announce=jax.process_index() == 0)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     # Plain nested dicts of arrays: each jitted call flattens them far faster than nnx.State's Variables.
     params, rest = params.to_pure_dict(), rest.to_pure_dict()
@@ -126,23 +124,31 @@ def create_model_and_state(config: ml_collections.ConfigDict, num_classes: int, 
     return graphdef, jax.device_put(state, replicated), jax.device_put(rest, replicated), optimizer
 
 
+def soft_target_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Mean over the batch of -sum(targets * log_softmax(logits)): the training loss on soft targets [B, classes]."""
+    return optax.softmax_cross_entropy(logits, targets).mean()
+
+
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, config: ml_collections.ConfigDict,
                     mesh: Mesh, num_classes: int) -> Callable:
-    """jit(state, metrics, rest, images, labels) -> (state, metrics, {loss, accuracy}); state and metrics donated."""
+    """jit(state, metrics, rest, images, labels[, targets]) -> (state, metrics, {loss, accuracy}); state and metrics
+    donated. `targets` (soft, from shared_data.augment) come with --augment official; without them the targets are
+    the label-smoothed one-hot labels."""
     dropout_root = jax.random.fold_in(jax.random.key(config.seed), _DROPOUT_STREAM)
     smoothing = config.label_smoothing
 
-    def train_step(state: TrainState, metrics: TrainMetrics, rest: Any, images: jax.Array, labels: jax.Array):
+    def train_step(state: TrainState, metrics: TrainMetrics, rest: Any, images: jax.Array, labels: jax.Array,
+                   targets: jax.Array | None = None):
         model = nnx.merge(graphdef, state.params, rest)
         # A fresh key every step, a pure function of (seed, step): resuming replays the same stream.
         nnx.reseed(model, dropout=jax.random.fold_in(dropout_root, state.step))
         inputs = input_pipeline.normalize_images(images)
-        targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), smoothing)
+        if targets is None:
+            targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), smoothing)
 
         def loss_fn(model: nnx.Module) -> tuple[jax.Array, jax.Array]:
             logits = model(inputs)
-            loss = optax.softmax_cross_entropy(logits, targets).mean()
-            return loss, logits
+            return soft_target_cross_entropy(logits, targets), logits
 
         (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
         grads = grads.to_pure_dict()
@@ -154,8 +160,9 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
 
     replicated = NamedSharding(mesh, PartitionSpec())
     sharded = NamedSharding(mesh, PartitionSpec(BATCH_AXIS))
+    batch_arrays = 3 if config.augment == augment.OFFICIAL else 2
     return jax.jit(
-        train_step, in_shardings=(replicated, replicated, replicated, sharded, sharded),
+        train_step, in_shardings=(replicated, replicated, replicated) + (sharded,) * batch_arrays,
         out_shardings=(replicated, replicated, replicated), donate_argnums=(0, 1),
     )
 
@@ -254,6 +261,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     if steps_per_epoch < 1:
         raise ConfigError(f"--batch-size {config.batch_size} is larger than the {len(data.train.labels)} "
                           "training images; lower it")
+    augmentation = augment.from_config(config, data.num_classes)  # None: --augment basic
     total_steps = run_config.total_steps(config.to_dict(), steps_per_epoch)
     epochs = math.ceil(total_steps / steps_per_epoch)
 
@@ -277,8 +285,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     best_val_accuracy = None
     if config.resume:
         abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-        restored = checkpointer.restore_latest(abstract)
-        if restored is not None:
+        restored = checkpointer.restore_latest(abstract)  # raises rather than start again while checkpoints exist
+        if restored is None:
+            run_config.warn_no_checkpoint(run_dir)
+        else:
             state, meta = restored
             history = list(meta.get("history", []))
             best_val_accuracy = meta.get("best_val_accuracy")
@@ -293,7 +303,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     learning_rate = functools.partial(run_config.learning_rate, config=config.to_dict(),
                                       steps_per_epoch=steps_per_epoch)
     start_step = int(jax.device_get(state.step))
-    reporter = Reporter(run_dir, total_steps, start_step, enabled=is_main, step_tags=config.step_timing == "on")
+    # A resumed run's event files drop what the interrupted process wrote after the step it resumes from.
+    purge_step, replay = (event_files.resume_purge(run_dir, start_step, steps_per_epoch) if config.resume and is_main
+                          else (None, []))
+    reporter = Reporter(run_dir, total_steps, start_step, enabled=is_main, step_tags=config.step_timing == "on",
+                        purge_step=purge_step, replay=replay)
     profiler = StepProfiler(default_config.parse_profile_steps(config.profile_steps), run_dir / "profile")
     every = config.checkpoint_every_steps
     last_saved: Path | None = None
@@ -311,7 +325,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             metrics = jax.device_put(TrainMetrics.empty(), replicated)
             loader = input_pipeline.train_batches(
                 data.train, seed=config.seed, epoch=epoch, first=first, last=last, batch_size=config.batch_size,
-                img_size=config.img_size, num_workers=config.num_workers)
+                img_size=config.img_size, num_workers=config.num_workers, augment=augmentation)
             in_flight: tuple[int, dict[str, jax.Array]] | None = None  # dispatched, not yet waited for
             step_started, data_wait_s = epoch_start, 0.0
             with contextlib.closing(iter(loader)) as host_batches:
@@ -362,6 +376,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 val_accuracy_top5=val["accuracy_top5"], val_time_s=val_s, val_images=val["images"],
                 checkpoint_time_s=0.0, wall_time_s=0.0)  # both known once the checkpoint below is saved
             history.append(result.history_entry())
+            # On disk before the checkpoint below is published: a kill never leaves a checkpoint without its epoch.
+            reporter.epoch_validated(result)
 
             # ---- checkpoint
             meta = checkpoint_meta(step, steps_per_epoch, val["accuracy"], best_val_accuracy, history)
@@ -371,7 +387,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             # ---- log
             result = dataclasses.replace(result, checkpoint_time_s=checkpoint_s,
                                          wall_time_s=time.perf_counter() - epoch_start)
-            reporter.epoch(result, epochs)
+            reporter.epoch_done(result, epochs)
             start_step = step
         checkpointer.wait()
     finally:

@@ -10,37 +10,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from shared_data.swin_weights import LoadReport, WeightsFormatError, canonicalize, read_weights
+from shared_data.swin_weights import (
+    HEAD_KEYS,
+    LoadReport,
+    check_fit,
+    flax_to_official,
+    flax_to_torch_layout,
+    read_source,
+    torch_to_flax_layout,
+)
 
-HEAD_KEYS = ("head.weight", "head.bias")
 # safetensors metadata value that shared_data.swin_weights reads back as the "flax" format.
 FLAX_FORMAT = "flax"
-
-
-def canonical_name(path: tuple[Any, ...]) -> str:
-    """Flax state path -> official parameter name.
-
-    Three renames: nnx.Sequential keeps its items under `layers` (`cpb_mlp.layers.0` is `cpb_mlp.0`), and
-    Linear/Conv `kernel` and LayerNorm `scale` are torch's `weight`.
-    """
-    parts = [str(part) for part in path]
-    parts = [part for i, part in enumerate(parts) if not (part == "layers" and i > 0 and parts[i - 1] == "cpb_mlp")]
-    if parts[-1] in ("kernel", "scale"):
-        parts[-1] = "weight"
-    return ".".join(parts)
-
-
-def _to_torch_layout(path: tuple[Any, ...], value: np.ndarray) -> np.ndarray:
-    """Linear kernels are [in, out] in Flax and [out, in] in torch; conv kernels HWIO vs OIHW."""
-    if str(path[-1]) == "kernel":
-        value = value.T if value.ndim == 2 else value.transpose(3, 2, 0, 1)
-    return np.ascontiguousarray(value)
-
-
-def _to_flax_layout(path: tuple[Any, ...], value: np.ndarray) -> np.ndarray:
-    if str(path[-1]) == "kernel":
-        value = value.T if value.ndim == 2 else value.transpose(2, 3, 1, 0)
-    return np.ascontiguousarray(value)
 
 
 def _flat_params(model: nnx.Module | nnx.State) -> list[tuple[tuple[Any, ...], nnx.Variable]]:
@@ -51,7 +32,7 @@ def _flat_params(model: nnx.Module | nnx.State) -> list[tuple[tuple[Any, ...], n
 def to_canonical(model: nnx.Module | nnx.State) -> dict[str, np.ndarray]:
     """Every parameter of `model` (or of a Param state, e.g. its gradients) under its official name, torch layout."""
     return {
-        canonical_name(path): _to_torch_layout(path, np.asarray(variable.get_value()))
+        flax_to_official(path): flax_to_torch_layout(path, np.asarray(variable.get_value()))
         for path, variable in _flat_params(model)
     }
 
@@ -63,7 +44,7 @@ def canonical_shapes(model: nnx.Module) -> dict[str, tuple[int, ...]]:
         shape = tuple(variable.get_value().shape)
         if str(path[-1]) == "kernel":
             shape = shape[::-1] if len(shape) == 2 else (shape[3], shape[2], shape[0], shape[1])
-        shapes[canonical_name(path)] = shape
+        shapes[flax_to_official(path)] = shape
     return shapes
 
 
@@ -72,63 +53,30 @@ def from_canonical(model: nnx.Module, weights: Mapping[str, np.ndarray], *, sour
 
     Strict: raises WeightsFormatError listing missing, unexpected and mis-shaped keys, and changes nothing then.
     """
-    flat = _flat_params(model)
-    expected = {canonical_name(path): (path, variable) for path, variable in flat}
-    expected_shapes = canonical_shapes(model)
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
-    mismatched = sorted(
-        f"{key} {tuple(np.shape(weights[key]))} vs model {expected_shapes[key]}"
-        for key in set(weights) & set(expected)
-        if tuple(np.shape(weights[key])) != expected_shapes[key]
-    )
-    problems = [
-        f"{label} ({len(keys)}): {', '.join(keys)}"
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched))
-        if keys
-    ]
-    if problems:
-        raise WeightsFormatError(f"{source}: weights do not fit the model; " + "; ".join(problems))
-
-    updates = []
-    for name, (path, variable) in expected.items():
-        value = _to_flax_layout(path, np.asarray(weights[name]))
-        updates.append((path, jnp.asarray(value, dtype=variable.get_value().dtype)))
+    check_fit(weights, canonical_shapes(model), source)
     state = nnx.state(model, nnx.Param)
     state_flat = dict(nnx.to_flat_state(state))
-    for path, value in updates:
-        state_flat[path].set_value(value)
+    for path, variable in state_flat.items():
+        value = torch_to_flax_layout(path, np.asarray(weights[flax_to_official(path)]))
+        variable.set_value(jnp.asarray(value, dtype=variable.get_value().dtype))
     nnx.update(model, nnx.from_flat_state(state_flat))
-    return sorted(expected)
+    return sorted(flax_to_official(path) for path in state_flat)
 
 
-def load_pretrained(model: nnx.Module, path_or_dict: str | Path | Mapping[str, Any]) -> LoadReport:
-    """Copy weights from any readable file (or in-memory state dict) into `model` in place.
+def load_pretrained(model: nnx.Module, path_or_dict: str | Path | Mapping[str, Any],
+                    checkpoint: str = "best") -> LoadReport:
+    """Copy weights into `model` in place; raises WeightsFormatError listing missing, unexpected or mis-shaped keys.
 
-    Raises WeightsFormatError listing missing, unexpected or mis-shaped keys. Derived buffers are never loaded,
-    so weights from another window size or resolution load as long as the parameter shapes agree. A head of a
-    different size (or none) leaves the model's own head at its init, and the report says so.
+    Reads what shared_data.swin_weights.read_source reads: any weights file, a run folder of either stack (its
+    `checkpoint`, best or latest) or an in-memory state dict. Derived buffers are never loaded, so weights from
+    another window size or resolution load as long as the parameter shapes agree. A head of a different size (or
+    none) leaves the model's own head at its init, and the report says so.
     """
-    if isinstance(path_or_dict, Mapping):
-        source = "<state dict>"
-        state, fmt = canonicalize(path_or_dict, source=source)
-    else:
-        source = str(path_or_dict)
-        state, fmt = read_weights(path_or_dict)
+    state, fmt, source = read_source(path_or_dict, checkpoint)
     report = LoadReport(source=source, fmt=fmt)
-    targets = canonical_shapes(model)
-
-    head_shapes = {key: targets[key] for key in HEAD_KEYS if key in targets}
-    given_head = {key: tuple(state[key].shape) for key in HEAD_KEYS if key in state}
-    if head_shapes != given_head:
-        for key in HEAD_KEYS:
-            state.pop(key, None)
+    if report.drop_foreign_head(state, canonical_shapes(model)):
         current = to_canonical(model)
-        for key in head_shapes:
-            state[key] = current[key]  # keep the model's own head at its init
-        report.head_replaced = True
-        report.head_note = f"head {_describe_head(given_head)} replaced by the model's {_describe_head(head_shapes)} at init"
-
+        state.update({key: current[key] for key in HEAD_KEYS if key in current})  # the model's own head, at init
     loaded = from_canonical(model, state, source=f"{source} ({fmt} format)")
     report.loaded = [name for name in loaded if not (report.head_replaced and name in HEAD_KEYS)]
     return report
@@ -158,8 +106,3 @@ def read_safetensors_config(path: str | Path) -> dict[str, Any] | None:
     with safe_open(str(path), framework="numpy") as handle:
         text = (handle.metadata() or {}).get("config")
     return json.loads(text) if text else None
-
-
-def _describe_head(shapes: Mapping[str, tuple[int, ...]]) -> str:
-    weight = shapes.get("head.weight")
-    return f"with {weight[0]} classes" if weight else "(absent)"

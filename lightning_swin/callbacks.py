@@ -86,12 +86,15 @@ class TimingAndMetrics(pl.Callback):
         self.history = list(state_dict["history"])
 
     @staticmethod
-    def _write(trainer: pl.Trainer, values: dict[str, float], step: int) -> None:
+    def _write(trainer: pl.Trainer, values: dict[str, float], step: int, flush: bool = False) -> None:
+        """Write `values` at TensorBoard step `step`; with `flush`, put them and every tag before them on disk."""
         if not trainer.is_global_zero or trainer.logger is None:
             return
         writer = trainer.logger.experiment
         for tag, value in values.items():
             writer.add_scalar(tag, value, step)
+        if flush:
+            writer.flush()
 
     @staticmethod
     def _fetch_seconds(trainer: pl.Trainer) -> float:
@@ -179,6 +182,11 @@ class TimingAndMetrics(pl.Callback):
         )
         # Now, not at the epoch's end: the epoch-end checkpoints (ModelCheckpoints run after this) must hold it.
         self.history.append(self._result.history_entry())
+        # On disk before those checkpoints are published: a kill never leaves a checkpoint without its epoch.
+        values = dict(self._result.scalars(), **{tags.HOST_PEAK_MB: host_peak_mb()})
+        if pl_module.device.type == "cuda":
+            values[tags.DEVICE_PEAK_MB] = torch.cuda.max_memory_allocated(pl_module.device) / 2**20
+        self._write(trainer, values, self._result.epoch, flush=True)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._result is None:
@@ -188,10 +196,7 @@ class TimingAndMetrics(pl.Callback):
             self._result, checkpoint_time_s=self.checkpoint_io.seconds_saving - self._saving_at_start,
             wall_time_s=time.perf_counter() - self._epoch_start,
         )
-        values = dict(result.scalars(), **{tags.HOST_PEAK_MB: host_peak_mb()})
-        if pl_module.device.type == "cuda":
-            values[tags.DEVICE_PEAK_MB] = torch.cuda.max_memory_allocated(pl_module.device) / 2**20
-        self._write(trainer, values, result.epoch)
+        self._write(trainer, result.closing_scalars(), result.epoch, flush=True)  # they include the epoch's saves
         if not trainer.is_global_zero:
             return
         if trainer.progress_bar_callback is not None:

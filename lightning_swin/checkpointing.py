@@ -1,8 +1,11 @@
-"""Lightning checkpoint files: atomic trash-safe IO, the best-and-latest ModelCheckpoints, pruning, list/verify."""
+"""Lightning checkpoint files: atomic trash-safe IO with checksums, the best-and-latest ModelCheckpoints, pruning,
+list/verify."""
 
 from __future__ import annotations
 
 import errno
+import functools
+import hashlib
 import io
 import re
 import time
@@ -15,8 +18,8 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-from shared_data import retention, tags
-from shared_data.errors import CheckpointError, CheckpointSaveError
+from shared_data import checksums, retention, tags
+from shared_data.errors import CheckpointDamagedError, CheckpointError, CheckpointSaveError
 from shared_data.retention import CheckpointInfo
 from shared_data.trash_safe import atomic_write_bytes, remove_path
 
@@ -41,7 +44,13 @@ _REQUIRED_KEYS = ("state_dict", "optimizer_states", "lr_schedulers", "loops", "g
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoint files written whole or not at all, deleted by truncating them first; counts the seconds saving."""
+    """Checkpoint files written whole or not at all, each with its SHA-256 sidecar (checksums.sidecar), deleted with
+    it by truncating them first; counts the seconds saving.
+
+    The sidecar is written first, from the bytes about to be written, so every published checkpoint has its sum
+    (as the Flax stack's folders have theirs before Orbax renames them into place); a kill between the two leaves
+    a sidecar without its file, a leftover the next start removes.
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -56,7 +65,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
         try:
-            atomic_write_bytes(path, buffer.getbuffer())
+            checksums.write_sidecar(path, hashlib.sha256(buffer.getbuffer()).hexdigest())
+            try:
+                atomic_write_bytes(path, buffer.getbuffer())
+            except OSError:
+                remove_path(checksums.sidecar(path))
+                raise
             self.last_saved = Path(path)
         except OSError as error:
             if error.errno == errno.ENOSPC:
@@ -74,7 +88,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return super().load_checkpoint(path, map_location=map_location or "cpu", weights_only=False)
 
     def remove_checkpoint(self, path: str | Path) -> None:
-        remove_path(path)
+        checksums.remove_with_sums(path)
 
 
 class EveryNStepsCheckpoint(ModelCheckpoint):
@@ -114,21 +128,26 @@ def checkpoint_callbacks(dirpath: str | Path, keep: int, every_n_steps: int = 0)
 
 
 def prune_checkpoints(run_dir: str | Path, keep: int, damaged: Iterable[str | Path] = ()) -> list[Path]:
-    """Delete, trash-safely, the `damaged` files and the checkpoints shared_data.retention does not keep
-    (kept_checkpoints: the newest step's "last" file and the "best" file of each of the keep-1 best steps).
-    Returns what was removed."""
+    """Delete, trash-safely and with their sidecars, the `damaged` files (those resume_point skipped) and the
+    checkpoints shared_data.retention does not keep (kept_checkpoints: the newest step's "last" file and the "best"
+    file of each of the keep-1 best steps). Returns what was removed."""
     removed = [Path(path) for path in damaged if Path(path).exists()]
     infos = [info for info in list_checkpoints(run_dir) if info.complete and info.path not in removed]
     kept = {info.path for info in retention.kept_checkpoints(infos, keep)}
     removed += [info.path for info in infos if info.path not in kept]
     for path in removed:
-        remove_path(path)
+        checksums.remove_with_sums(path)
     return removed
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
     """Where a run keeps its checkpoints."""
     return Path(run_dir) / CHECKPOINT_DIR
+
+
+def checkpoint_step(path: str | Path) -> int | None:
+    """The global step a checkpoint file's name gives."""
+    return _info(Path(path), complete=True).step
 
 
 def _parse(path: Path) -> re.Match[str] | None:
@@ -160,9 +179,15 @@ def list_checkpoints(run_dir: str | Path) -> list[CheckpointInfo]:
     for path in folder.iterdir():
         if path.is_file() and path.suffix == SUFFIX and not path.name.startswith("."):
             found.append(_info(path, complete=True))
-        elif path.is_file() and _PARTIAL.match(path.name):
+        elif path.is_file() and _PARTIAL.match(path.name) and not _is_sums(path):
             found.append(_info(path, complete=False))
     return sorted(found, key=_recency)
+
+
+def _is_sums(path: Path) -> bool:
+    """A sidecar of checksums, or a sidecar being written."""
+    partial = _PARTIAL.match(path.name)
+    return (partial.group("name") if partial else path.name).endswith(checksums.SIDECAR_SUFFIX)
 
 
 def _recency(info: CheckpointInfo) -> tuple[int, int, int]:
@@ -175,15 +200,18 @@ def _recency(info: CheckpointInfo) -> tuple[int, int, int]:
 
 
 def verify_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint and check it can be resumed from; raise CheckpointError naming it otherwise."""
+    """Check a checkpoint's sidecar checksum (where it has one), load it and check it can be resumed from; raise
+    CheckpointError naming it otherwise: CheckpointDamagedError when it is proven damaged, or when it has no sidecar
+    (saved before checksums existed) and torch cannot read it."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:  # torch raises several types for a damaged zip archive
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"{path}: cannot be read ({reason})") from None
+        checkpoint = checksums.read_with_retries(functools.partial(_load_checked, path))
+    except CheckpointError:
+        raise
+    except Exception as error:
+        raise checksums.unreadable(path, error) from None
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path}: not a Lightning checkpoint (holds a {type(checkpoint).__name__})")
     missing = [key for key in _REQUIRED_KEYS if key not in checkpoint]
@@ -196,14 +224,27 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
     return checkpoint
 
 
+def _load_checked(path: Path) -> Any:
+    checked = checksums.check_sums(checksums.sidecar(path), path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:
+        if checked or checksums.is_transient(error):
+            raise  # the bytes are the ones saved (or could not be read): not damage
+        # A file torch cannot parse that was saved before checksums existed: a torn zip archive is damage.
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointDamagedError(f"{path}: cannot be read ({reason})") from None
+
+
 def leftovers(run_dir: str | Path) -> list[Path]:
-    """Unfinished saves and stray temporary files or folders a killed run left behind."""
+    """Unfinished saves, sidecars whose checkpoint is gone, and stray temporary files or folders a killed run left."""
     run_dir = Path(run_dir)
     found = [p for p in run_dir.glob(".*.tmp") if p.is_file()] if run_dir.is_dir() else []
     folder = checkpoint_dir(run_dir)
     if folder.is_dir():
         for path in folder.iterdir():
-            if path.is_dir() or _PARTIAL.match(path.name):
+            orphan = path.name.endswith(checksums.SIDECAR_SUFFIX) and not path.with_name(path.stem).exists()
+            if path.is_dir() or _PARTIAL.match(path.name) or orphan:
                 found.append(path)
     return sorted(found)
 
@@ -217,15 +258,22 @@ def clean_leftovers(run_dir: str | Path) -> list[Path]:
 
 
 def resume_point(run_dir: str | Path) -> tuple[Path | None, list[Path]]:
-    """The newest complete checkpoint that loads (None if none does), and the newer damaged ones it skipped,
-    each named in a warning."""
+    """The newest complete checkpoint that is not damaged (None when the run has none), and the newer damaged ones
+    it skipped, each named in a warning; prune_checkpoints deletes those once the run succeeds.
+
+    Raises CheckpointError, skipping nothing, for a checkpoint that still cannot be read after retries or is not
+    resumable for another reason, and when every checkpoint is damaged: a resume never starts again from step 0
+    while checkpoints exist.
+    """
     damaged = []
     for info in reversed([c for c in list_checkpoints(run_dir) if c.complete]):
         try:
             verify_checkpoint(info.path)
-        except CheckpointError as error:
+        except CheckpointDamagedError as error:
             warnings.warn(f"skipping damaged checkpoint: {error}", stacklevel=2)
             damaged.append(info.path)
             continue
         return info.path, damaged
+    if damaged:
+        raise checksums.all_damaged(checkpoint_dir(run_dir), damaged)
     return None, damaged

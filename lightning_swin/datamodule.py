@@ -10,32 +10,35 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from shared_data import batches
+from shared_data import augment, batches
 from shared_data.prepare import prepare_data
 
 
 class TrainBatches(Dataset):
-    """Key (epoch, index) -> this process's shard of global training batch `index` of `epoch`."""
+    """Key (epoch, index) -> this process's shard of global training batch `index` of `epoch`: (images uint8,
+    labels int64), or with `augment` (images float32 normalised, labels int64, soft targets float32)."""
 
     def __init__(self, split: Any, *, seed: int, batch_size: int, img_size: int, shard_index: int = 0,
-                 shard_count: int = 1) -> None:
+                 shard_count: int = 1, augment: augment.Augmentation | None = None) -> None:
         self.split = split
         self.seed = seed
         self.batch_size = batch_size
         self.img_size = img_size
         self.shard_index = shard_index
         self.shard_count = shard_count
+        self.augment = augment
 
     def __len__(self) -> int:
         return batches.train_steps_per_epoch(len(self.split.labels), self.batch_size)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, ...]:
         epoch, index = key
-        images, labels = batches.train_batch(
+        images, labels, *targets = batches.train_batch(
             self.split, seed=self.seed, epoch=epoch, index=index, batch_size=self.batch_size,
-            img_size=self.img_size, shard_index=self.shard_index, shard_count=self.shard_count,
+            img_size=self.img_size, shard_index=self.shard_index, shard_count=self.shard_count, augment=self.augment,
         )
-        return torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels.astype(np.int64))
+        return (torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels.astype(np.int64)),
+                *(torch.from_numpy(soft) for soft in targets))
 
 
 class ValBatches(Dataset):
@@ -166,6 +169,7 @@ class ImagenetteDataModule(pl.LightningDataModule):
         dataset = TrainBatches(
             self.load().train, seed=self.config["seed"], batch_size=self.config["batch_size"],
             img_size=self.config["img_size"], shard_index=shard_index, shard_count=shard_count,
+            augment=augment.from_config(self.config, self.load().num_classes),
         )
         return ResumableLoader(dataset, EpochBatchSampler(len(dataset)), **self._loader_options())
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Iterable
 
@@ -67,6 +68,13 @@ def shifted_window_mask(resolution: int, window: int, shift: int) -> torch.Tenso
     return torch.zeros(different.shape).masked_fill(different, SHIFT_MASK_VALUE)
 
 
+def _without_autocast(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast switched off on `device_type`, where it exists (not on the meta device, for one)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def add_residual(x: torch.Tensor, branch: torch.Tensor, drop_path: float, training: bool) -> torch.Tensor:
     """x + drop_path(branch): in training each sample's branch is dropped with probability drop_path, else rescaled."""
     # One fused addcmul instead of a separate multiply and add, forward and backward.
@@ -126,20 +134,22 @@ class WindowAttention(nn.Module):
             bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
         qkv = F.linear(x, self.qkv.weight, bias)
         q, k, v = qkv.view(windows, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        # Scaling the normalised queries ([N, d]) is cheaper than scaling the logits ([N, N]) and lets the
-        # bias be added in place: the matmul output is not saved for backward.
-        scale = torch.clamp(self.logit_scale, max=MAX_LOGIT_SCALE).exp()
-        attn = (F.normalize(q, dim=-1) * scale) @ F.normalize(k, dim=-1).transpose(-2, -1)
-        additive = self.position_bias()
-        if mask is not None:
-            # One [nW, heads, N, N] term broadcast over the batch, instead of two separate adds.
-            additive = additive.unsqueeze(0) + mask.unsqueeze(1)
-            attn.view(-1, mask.shape[0], self.num_heads, tokens, tokens).add_(additive)
-        else:
-            attn.add_(additive)
-        attn = attn.softmax(dim=-1)
+        # The official order, in float32 even under bf16 autocast: cosine logits, times the temperature, plus the
+        # position bias, softmax. The logits reach 100 and the bias 16, where bf16 keeps only 2 to 3 digits.
+        with _without_autocast(x.device.type):
+            attn = F.normalize(q.float(), dim=-1) @ F.normalize(k.float(), dim=-1).transpose(-2, -1)
+            attn = attn * torch.clamp(self.logit_scale, max=MAX_LOGIT_SCALE).exp()
+            additive = self.position_bias()
+            # In place into the scaled logits, a float32 temporary that backward does not need.
+            if mask is not None:
+                # One [nW, heads, N, N] term broadcast over the batch, instead of two separate adds.
+                additive = additive.unsqueeze(0) + mask.unsqueeze(1)
+                attn.view(-1, mask.shape[0], self.num_heads, tokens, tokens).add_(additive)
+            else:
+                attn.add_(additive)
+            attn = attn.softmax(dim=-1)
         attn = F.dropout(attn, self.attn_drop, self.training)
-        x = (attn @ v).transpose(1, 2).reshape(windows, tokens, channels)
+        x = (attn.to(v.dtype) @ v).transpose(1, 2).reshape(windows, tokens, channels)
         return self.proj_drop(self.proj(x))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import random
 from typing import Any
 
@@ -9,12 +10,13 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR
+from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_swin.model import create_model, param_groups
 from shared_data import run_config, tags
+from shared_data.errors import CheckpointError
 from shared_data.normalize import MEAN, STD
 
 ADAMW_BETAS = (0.9, 0.999)  # official Swin V2 recipe
@@ -22,15 +24,24 @@ ADAMW_EPS = 1e-8
 PADDING_LABEL = -100  # validation rows that only pad the last batch
 
 
-def learning_rate_schedule(optimizer: torch.optim.Optimizer, config: dict[str, Any], steps_per_epoch: int) -> LRScheduler:
-    """Per-step schedule of shared_data.run_config.learning_rate from torch's own schedulers."""
-    warm = run_config.warmup_steps(config, steps_per_epoch)
-    total = run_config.total_steps(config, steps_per_epoch)
-    cosine = CosineAnnealingLR(optimizer, T_max=max(total - warm, 1), eta_min=config["lr"] * config["cosine_end_factor"])
-    if warm == 0:
-        return cosine
-    warmup = LinearLR(optimizer, start_factor=config["warmup_start_factor"], end_factor=1.0, total_iters=warm)
-    return SequentialLR(optimizer, [warmup, cosine], milestones=[warm])
+def learning_rate_schedule(optimizer: torch.optim.Optimizer, config: dict[str, Any], steps_per_epoch: int) -> LambdaLR:
+    """Per-step schedule of shared_data.run_config.learning_rate, as a factor of the peak rate.
+
+    A pure function of (step, config), like the Flax stack's optax schedule: a checkpoint keeps only the step
+    count (not the factor: a partial's keywords are not its __dict__, which LambdaLR saves), so a resumed run
+    follows its own config's schedule, a larger --epochs included, instead of the saved run's.
+    """
+    return LambdaLR(optimizer, functools.partial(_lr_factor, config=config, steps_per_epoch=steps_per_epoch))
+
+
+def _lr_factor(step: int, config: dict[str, Any], steps_per_epoch: int) -> float:
+    return run_config.learning_rate(step, config, steps_per_epoch) / config["lr"]
+
+
+def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of -sum(targets * log_softmax(logits)), in float32: the training loss on soft targets
+    [B, classes]."""
+    return F.cross_entropy(logits.float(), targets)
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -57,7 +68,10 @@ class SwinClassifier(pl.LightningModule):
                                            ignore_index=PADDING_LABEL)
 
     def normalize_images(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 NHWC -> float32 NCHW, (x / 255 - MEAN) / STD, on the model's device."""
+        """uint8 NHWC -> float32 NCHW, (x / 255 - MEAN) / STD, on the model's device; float NHWC images come
+        normalised from the host (shared_data.augment) and are only permuted."""
+        if images.dtype != torch.uint8:
+            return images.permute(0, 3, 1, 2)
         x = images.permute(0, 3, 1, 2).float() / 255.0
         return (x - self.mean) / self.std
 
@@ -69,10 +83,13 @@ class SwinClassifier(pl.LightningModule):
         # as an uninterrupted one, whatever else consumed random numbers in between.
         torch.manual_seed(step_seed(self.config["seed"], self.global_step, self.global_rank))
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
-        images, labels = batch
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> dict[str, torch.Tensor]:
+        images, labels, *targets = batch  # soft targets come with --augment official (shared_data.augment)
         logits = self(images)
-        loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.config["label_smoothing"])
+        if targets:
+            loss = soft_target_cross_entropy(logits, targets[0])
+        else:
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.config["label_smoothing"])
         accuracy = (logits.argmax(dim=-1) == labels).float().mean()
         # ModelCheckpoint names files with a logged "epoch" where there is one: the 1-based epoch of this step.
         self.log("epoch", float(self.current_epoch + 1), logger=False)
@@ -99,6 +116,13 @@ class SwinClassifier(pl.LightningModule):
         scheduler = learning_rate_schedule(optimizer, self.config, self.steps_per_epoch)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def on_train_start(self) -> None:
+        # A restored optimiser holds the rate the saving run's schedule gave its last step; this run's schedule
+        # (a larger --epochs, say) may give the next step another.
+        scheduler = self.lr_schedulers()
+        for group, base_lr, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base_lr * factor(scheduler.last_epoch)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["swin_config"] = {k: v for k, v in self.config.items() if isinstance(v, (str, int, float, bool, type(None)))}
         checkpoint["rng_states"] = {
@@ -109,6 +133,17 @@ class SwinClassifier(pl.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Called before the weights are loaded: a checkpoint of other code stops the run with one line.
+        mismatch = CheckpointError.not_fitting(
+            self.trainer.ckpt_path, {name: tuple(t.shape) for name, t in checkpoint["state_dict"].items()},
+            {name: tuple(t.shape) for name, t in self.state_dict().items()})
+        if mismatch is not None:
+            raise mismatch
+        for number, state in enumerate(checkpoint.get("lr_schedulers", [])):
+            if "lr_lambdas" not in state:  # saved with the SequentialLR used before: only its step count carries over
+                checkpoint["lr_schedulers"][number] = dict(
+                    lr_lambdas=[None] * len(state["_last_lr"]), last_epoch=state["last_epoch"],
+                    _step_count=state["last_epoch"] + 1, _last_lr=state["_last_lr"])
         states = checkpoint.get("rng_states")
         if not states:
             return

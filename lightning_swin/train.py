@@ -19,9 +19,8 @@ from lightning_swin.configs import default
 from lightning_swin.datamodule import ImagenetteDataModule
 from lightning_swin.module import SwinClassifier
 from lightning_swin.weights import load_pretrained
-from shared_data import environment, run_config, run_report
+from shared_data import environment, event_files, run_config, run_report
 from shared_data.errors import ConfigError
-from shared_data.swin_weights import WeightsFormatError
 from shared_data.trash_safe import atomic_write_json
 
 
@@ -58,13 +57,8 @@ def train_and_evaluate(config: dict[str, Any], workdir: str | os.PathLike,
 
     # ---- model
     module = SwinClassifier(config, data.num_classes, steps_per_epoch)
-    if config["init_from"]:
-        try:
-            report = load_pretrained(module.model, config["init_from"])
-        except WeightsFormatError as error:
-            raise ConfigError(f"--init-from: {error}") from None
-        if main:
-            print(f"--init-from: {report}", flush=True)
+    if config["pretrained"]:
+        run_config.load_pretrained(load_pretrained, module.model, config["pretrained"], announce=main)
     if config["compile"]:
         module.model.compile()  # in place, so parameter names (and checkpoints) stay the official ones
 
@@ -79,14 +73,26 @@ def train_and_evaluate(config: dict[str, Any], workdir: str | os.PathLike,
         atomic_write_json(run_dir / "data_report.json", data.report())
         for path in checkpointing.clean_leftovers(run_dir):
             warnings.warn(f"removed an unfinished save left by an interrupted run: {path}", stacklevel=2)
+    # Raises rather than start again while checkpoints exist; skips (and, once the run succeeds, deletes) damaged ones.
     resume_from, damaged = checkpointing.resume_point(run_dir) if config["resume"] else (None, [])
     if config["resume"] and resume_from is None:
-        warnings.warn(f"--resume: {run_dir} has no complete checkpoint yet; starting from step 0", stacklevel=2)
+        run_config.warn_no_checkpoint(run_dir)
+    # A resumed run's event files drop what the interrupted process wrote after the step it resumes from.
+    start_step = checkpointing.checkpoint_step(resume_from) if resume_from else 0
+    purge_step, replay = (event_files.resume_purge(run_dir, start_step, steps_per_epoch) if config["resume"] and main
+                          else (None, []))
 
     # ---- trainer
+    logger = TensorBoardLogger(save_dir=str(run_dir), name="", version="", default_hp_metric=False,
+                               purge_step=purge_step)
+    if replay:
+        event_files.write_points(logger.experiment, replay)
     checkpoint_io = checkpointing.AtomicCheckpointIO()
     timing = TimingAndMetrics(config, len(data.val), steps_per_epoch, total_steps, checkpoint_io)
     on_cpu = config["accelerator"] == "cpu" or not torch.cuda.is_available()
+    # float32 means full float32 in both stacks (README, "On a GPU"): torch's matmuls already are; cuDNN would run
+    # the patch-embedding convolution in TF32.
+    torch.backends.cudnn.allow_tf32 = config["precision"] != "fp32"
     trainer = pl.Trainer(
         accelerator=config["accelerator"], devices=config["devices"], num_nodes=config["num_nodes"],
         strategy=DDPStrategy(process_group_backend="gloo" if on_cpu else "nccl") if world > 1 else "auto",
@@ -94,7 +100,7 @@ def train_and_evaluate(config: dict[str, Any], workdir: str | os.PathLike,
         max_epochs=config["epochs"], max_steps=total_steps,
         gradient_clip_val=config["grad_clip"] or None, gradient_clip_algorithm="norm",
         deterministic=True if config["deterministic"] else None,
-        logger=TensorBoardLogger(save_dir=str(run_dir), name="", version="", default_hp_metric=False),
+        logger=logger,
         callbacks=[timing, ValidateAtLastStep(), ProgressBar(timing), *callbacks,
                    *checkpointing.checkpoint_callbacks(checkpointing.checkpoint_dir(run_dir), config["keep_checkpoints"],
                                                        config["checkpoint_every_steps"])],

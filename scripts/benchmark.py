@@ -21,6 +21,7 @@ from tqdm import tqdm
 from scripts import compare
 from scripts.runs_reader import NotComparableError
 from shared_data import registry, run_config
+from shared_data.augment import AUGMENTS
 from shared_data.environment import RECORDED_LIBRARIES, cpu_description, library_versions
 from shared_data.run_config import DATASETS, PRECISIONS, PRESETS, SYNTHETIC_SIZES
 from shared_data.trash_safe import remove_path
@@ -36,7 +37,7 @@ PREPARE_SCRIPT = REPO_ROOT / "scripts" / "prepare_data.py"
 SHARED_FLAGS = (
     ("preset", "--preset"), ("dataset", "--dataset"), ("data_dir", "--data-dir"), ("model", "--model"),
     ("img_size", "--img-size"), ("epochs", "--epochs"), ("max_steps", "--max-steps"), ("seed", "--seed"),
-    ("num_workers", "--num-workers"), ("synthetic_size", "--synthetic-size"),
+    ("num_workers", "--num-workers"), ("synthetic_size", "--synthetic-size"), ("augment", "--augment"),
 )
 INIT_WEIGHTS = "init-weights.pth"  # --same-init: in the benchmark's log folder
 # The compilation caches each run is given, as environment variable -> sub-folder of its cache folder.
@@ -75,7 +76,7 @@ def plan_runs(args: argparse.Namespace, logdir: Path) -> list[PlannedRun]:
         if value is not None:
             shared += [flag, str(value)]
     if args.same_init:
-        shared += ["--init-from", str(logdir / INIT_WEIGHTS)]
+        shared += ["--pretrained", str(logdir / INIT_WEIGHTS)]
     variants = [("flax", False)]
     if not args.no_eager:
         variants.append(("lightning", False))
@@ -263,6 +264,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-workers", type=int, default=None)
     parser.add_argument("--synthetic-size", default=None, choices=SYNTHETIC_SIZES,
                         help="'imagenette' for synthetic data of Imagenette's size")
+    parser.add_argument("--augment", default=None, choices=AUGMENTS,
+                        help="training augmentation of every run (default: the preset's; config.json records it)")
     parser.add_argument("--repeats", type=int, default=1, help="runs per variant, for min/median/max")
     parser.add_argument("--no-compile", action="store_true", help="skip the Lightning --compile runs")
     parser.add_argument("--no-eager", action="store_true", help="skip the Lightning eager runs")
@@ -272,7 +275,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--peak-tflops", type=float, default=None, help="passed to compare.py")
     parser.add_argument("--same-init", action="store_true",
                         help=f"write one set of initial weights ({INIT_WEIGHTS} in the log folder: the model, the "
-                             "dataset's classes, the seed) and start every run from it (--init-from), so the report "
+                             "dataset's classes, the seed) and start every run from it (--pretrained), so the report "
                              "can show both stacks train alike")
     parser.add_argument("--warm-caches", action="store_true",
                         help="let every run share one set of TorchInductor, Triton and JAX compile-cache folders "

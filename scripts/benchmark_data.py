@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
 from tqdm import tqdm
 
-from shared_data import errors
+from shared_data import augment, errors, run_config
 from shared_data.batches import train_batch, train_steps_per_epoch
 from shared_data.loader import BatchLoader
 from shared_data.prepare import prepare_data
@@ -26,26 +27,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batches", type=int, default=150, help="timed batches per worker count")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2, 4])
     parser.add_argument("--prefetch", type=int, default=8)
+    parser.add_argument("--augment", default=run_config.DEFAULTS["augment"], choices=augment.AUGMENTS,
+                        help="official: the training default (RandAugment, erasing, Mixup/CutMix); basic: crop and flip")
     parser.add_argument("--no-download", action="store_true")
     return parser
 
 
-def measure(data, *, batch_size: int, img_size: int, batches: int, num_workers: int, prefetch: int) -> float:
-    """Images per second over `batches` training batches, after one warm-up pass over the cache pages."""
+def measure(data, *, batch_size: int, img_size: int, batches: int, num_workers: int, prefetch: int,
+            augmentation: augment.Augmentation | None = None) -> tuple[float, float]:
+    """(images per second, CPU milliseconds per image: this process's threads together) over `batches` training
+    batches, augmented by `augmentation` or cropped and flipped; the CPU time hardly depends on other jobs."""
     steps = train_steps_per_epoch(len(data.train), batch_size)
     if steps == 0:
         raise SystemExit(f"--batch-size: {batch_size} exceeds the {len(data.train)} training images")
 
     def batch(i: int):
         return train_batch(data.train, seed=0, epoch=i // steps, index=i % steps, batch_size=batch_size,
-                           img_size=img_size)
+                           img_size=img_size, augment=augmentation)
 
+    batch(0)  # imports and builds what the augmentation needs once, outside the timing
     loader = BatchLoader(batch, range(batches), num_workers=num_workers, prefetch=prefetch)
     images = 0
-    start = time.perf_counter()
-    for _, labels in tqdm(loader, desc=f"{num_workers} workers", unit="batch", leave=False):
-        images += len(labels)
-    return images / (time.perf_counter() - start)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    for batch in tqdm(loader, desc=f"{num_workers} workers", unit="batch", leave=False):
+        images += len(batch[0])
+    return images / (time.perf_counter() - start), (time.process_time() - cpu_start) * 1e3 / images
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -55,12 +61,15 @@ def main(argv: list[str] | None = None) -> None:
         allow_download=not args.no_download))
     # Touch every cached page once, so the numbers measure batch assembly and not the first disk read.
     data.train.images.sum(dtype="uint64")
+    settings = run_config.resolve(dict(augment=args.augment), "flax")  # the training defaults for this --augment
+    augmentation = augment.from_config(settings, data.num_classes)
     print(f"{data.dataset}: {len(data.train)} train images cached at {data.resolution}px, "
-          f"crop {args.img_size}, batch {args.batch_size}")
+          f"crop {args.img_size}, batch {args.batch_size}, --augment {args.augment}, "
+          f"load average {' / '.join(f'{load:.2f}' for load in os.getloadavg())} on {os.cpu_count()} cores")
     for workers in args.workers:
-        rate = measure(data, batch_size=args.batch_size, img_size=args.img_size, batches=args.batches,
-                       num_workers=workers, prefetch=args.prefetch)
-        print(f"workers={workers:<2}  {rate:8.0f} train images/s")
+        rate, cpu_ms = measure(data, batch_size=args.batch_size, img_size=args.img_size, batches=args.batches,
+                               num_workers=workers, prefetch=args.prefetch, augmentation=augmentation)
+        print(f"workers={workers:<2}  {rate:8.0f} train images/s  {cpu_ms:6.3f} CPU ms/image")
 
 
 if __name__ == "__main__":

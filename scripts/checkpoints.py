@@ -13,9 +13,10 @@ from typing import Any, Iterable, Sequence
 
 from tqdm import tqdm
 
+from shared_data.checksums import remove_with_sums
 from shared_data.retention import CheckpointInfo, kept_checkpoints
 from shared_data.run_config import DEFAULTS
-from shared_data.trash_safe import remove_path, tree_size
+from shared_data.trash_safe import tree_size
 
 STACKS = ("lightning", "flax")
 # Where each stack's list/verify/leftovers helpers live; tests point these at stand-ins.
@@ -188,11 +189,12 @@ def plan_clean(run: RunFolder) -> list[Action]:
 
 
 def apply(actions: list[Action], dry_run: bool) -> int:
-    """Delete through the trash-safe routine (files emptied first); return bytes freed (or that would be)."""
+    """Delete through the trash-safe routine (files emptied first), a checkpoint file with its checksum sidecar;
+    return bytes freed (or that would be)."""
     freed = 0
     for action in actions:
         if not dry_run:
-            action.bytes = remove_path(action.path)
+            action.bytes = remove_with_sums(action.path)
         freed += action.bytes
     return freed
 

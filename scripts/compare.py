@@ -176,7 +176,7 @@ def _same_training_section(flax: Run, eager: Run, figure: Path, figures: bool) -
     config = flax.config
     lines = ["", "### Same training", "",
              f"`{_run_label(flax)}` and `{_run_label(eager)}` started from the same weights "
-             f"(`{config['init_from']}`) with seed {config.get('seed')}, so they should train alike."]
+             f"(`{config['pretrained']}`) with seed {config.get('seed')}, so they should train alike."]
     if largest is None:
         return lines + ["", f"They share no {tags.TRAIN_LOSS} step: nothing to compare."]
     verdict = "holds" if largest <= SAME_TRAINING_BOUND else "does not hold"
@@ -271,7 +271,7 @@ def _trace_problems_section(runs: list[Run]) -> list[str]:
 
 
 def _runs_section(groups: list[Group], unpaired: list[Run], logdir: Path) -> list[str]:
-    lines = ["## Runs", "", "| run | stack | compile | seed | init from | epochs | device | "
+    lines = ["## Runs", "", "| run | stack | compile | seed | pretrained | epochs | device | "
              "host load before / after | threads torch / XLA | versions | wall s |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     every = [run for group in groups for run in group.runs()] + unpaired
@@ -282,11 +282,11 @@ def _runs_section(groups: list[Group], unpaired: list[Run], logdir: Path) -> lis
         if record.get("waited_s"):
             load += f" (waited {record['waited_s']:.0f} s)"
         threads = record.get("threads") or {}
-        init_from = run.config.get("init_from")
+        pretrained = run.config.get("pretrained")
         lines.append(
             f"| {run.path.relative_to(logdir) if run.path.is_relative_to(logdir) else run.path}"
             f"{CONTENDED if run.contended else ''}{' (resumed)' if run.resumed else ''} | {run.config['stack']} | {bool(run.config.get('compile'))} | "
-            f"{run.config.get('seed')} | {Path(init_from).name if init_from else 'random'} | {run.epochs_done()} | "
+            f"{run.config.get('seed')} | {Path(pretrained).name if pretrained else 'random'} | {run.epochs_done()} | "
             f"{run.config['device']} | {load} | "
             f"{threads.get('torch_intra_op', 'n/a')} / {threads.get('xla_cpu', 'n/a')} | "
             f"{versions or 'n/a'} | {_fmt(run.summary.get('wall_time_s'), 1)} |"
@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
                "each stack's own float32 matmul rate (torch, JAX) measured once here; an MFU above 100% reads "
                "'peak underestimated'. From benchmark.py's benchmark.json: runs started under contention are marked "
                "with a dagger, and the compile caches are said cold or warm. Flax and Lightning eager runs started "
-               "from the same --init-from file get a 'Same training' section.")
+               "from the same --pretrained file get a 'Same training' section.")
     parser.add_argument("--runs", type=Path, default=Path("runs"), help="log folder holding <stack>/<run-name>/ runs")
     parser.add_argument("--out", type=Path, default=None, help="report folder (default reports/<UTC timestamp>/)")
     parser.add_argument("--force", action="store_true",

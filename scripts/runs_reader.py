@@ -16,7 +16,7 @@ from tensorboard.util import tensor_util
 from shared_data import run_config, tags
 
 # Two runs are comparable only when all of these agree (seed and epochs may differ between repeats).
-COMPARABLE_FIELDS = ("dataset", "model", "img_size", "batch_size", "precision", "device")
+COMPARABLE_FIELDS = ("dataset", "model", "img_size", "batch_size", "precision", "augment", "device")
 STACKS = ("lightning", "flax")
 FLAX, EAGER, COMPILED = "Flax", "Lightning eager", "Lightning compiled"
 VARIANT_ORDER = (FLAX, EAGER, COMPILED)
@@ -155,13 +155,13 @@ class Group:
         return dict(sorted(unmeasured.items()))
 
     def same_init_pairs(self) -> list[tuple[Run, Run]]:
-        """(Flax run, Lightning eager run) pairs that started from the same --init-from file with the same seed,
+        """(Flax run, Lightning eager run) pairs that started from the same --pretrained file with the same seed,
         so that they should train alike; each run in at most one pair."""
         pairs, free = [], list(self.variants.get(EAGER, []))
         for flax in self.variants.get(FLAX, []):
-            start = (flax.config.get("init_from"), flax.config.get("seed"))
+            start = (flax.config.get("pretrained"), flax.config.get("seed"))
             partner = next((eager for eager in free if start[0] is not None
-                            and (eager.config.get("init_from"), eager.config.get("seed")) == start), None)
+                            and (eager.config.get("pretrained"), eager.config.get("seed")) == start), None)
             if partner is not None:
                 free.remove(partner)
                 pairs.append((flax, partner))
@@ -220,6 +220,9 @@ def read_json(path: Path) -> dict[str, Any]:
 def read_run(run_dir: Path, benchmark: dict[str, Any] | None = None) -> Run:
     """Load one run folder `<logdir>/<stack>/<run-name>/`; `benchmark` is benchmark.py's record of it."""
     config = read_json(run_dir / "config.json")
+    if "init_from" in config:  # written before --pretrained became the flag's name (--init-from is its alias)
+        config.setdefault("pretrained", config.pop("init_from"))
+    config.setdefault("augment", "basic")  # runs recorded before --augment existed trained with crop and flip only
     missing = [name for name in ("stack", *COMPARABLE_FIELDS) if name not in config]
     if missing:
         raise NotComparableError(

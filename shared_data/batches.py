@@ -1,12 +1,15 @@
-"""Pure batch functions: (seed, epoch, index) -> uint8 NHWC images and int32 labels, for both stacks."""
+"""Pure batch functions: (seed, epoch, index) -> uint8 NHWC images and int32 labels (or augment.py's), for both stacks."""
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
+
+if TYPE_CHECKING:  # augment imports timm and torch when used; the crop-and-flip path needs neither
+    from shared_data.augment import Augmentation
 
 
 class Split(Protocol):
@@ -48,8 +51,11 @@ def _check_crop(split: Split, img_size: int) -> int:
 
 
 def train_batch(split: Split, *, seed: int, epoch: int, index: int, batch_size: int, img_size: int,
-                shard_index: int = 0, shard_count: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """Shard `shard_index` of the global training batch `index` of `epoch`: random crop and flip."""
+                shard_index: int = 0, shard_count: int = 1,
+                augment: Augmentation | None = None) -> tuple[np.ndarray, ...]:
+    """Shard `shard_index` of the global training batch `index` of `epoch`: random crop and flip, (images uint8,
+    labels int32). With `augment` (shared_data.augment's official augmentation) instead: (images float32 normalised,
+    labels int32, soft targets float32 [b, classes]), see Augmentation.batch."""
     n = len(split.labels)
     steps = train_steps_per_epoch(n, batch_size)
     if not 0 <= index < steps:
@@ -57,6 +63,8 @@ def train_batch(split: Split, *, seed: int, epoch: int, index: int, batch_size: 
     resolution = _check_crop(split, img_size)
     shard = _shard_slice(batch_size, shard_index, shard_count)
     chosen = epoch_permutation(n, seed, epoch)[index * batch_size:(index + 1) * batch_size]
+    if augment is not None:
+        return augment.batch(split, chosen, seed=seed, epoch=epoch, index=index, img_size=img_size, shard=shard)
     # Augmentation is drawn for the whole global batch, then sliced: a shard sees what the full batch has.
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch, index])))
     tops = rng.integers(0, resolution - img_size + 1, size=batch_size)

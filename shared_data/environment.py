@@ -9,7 +9,7 @@ import sys
 from importlib import metadata
 
 RECORDED_LIBRARIES = (
-    "torch", "torchvision", "pytorch-lightning", "torchmetrics",
+    "torch", "torchvision", "pytorch-lightning", "torchmetrics", "timm",
     "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "clu", "numpy", "pillow",
 )
 

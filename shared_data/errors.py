@@ -44,6 +44,26 @@ class NonFiniteLossError(RunError):
 class CheckpointError(RunError):
     """A checkpoint that cannot be restored; the message names it and why."""
 
+    @classmethod
+    def not_fitting(cls, checkpoint: object, saved: dict[str, tuple[int, ...]], now: dict[str, tuple[int, ...]],
+                    named: int = 3) -> "CheckpointError | None":
+        """The error both stacks raise for a checkpoint whose arrays (name -> shape) are not those being trained
+        (a code change), naming the first `named` differences and how many more; None when they are the same."""
+        differences = [f"{key} is not in the checkpoint" for key in sorted(now.keys() - saved.keys())]
+        differences += [f"{key} is only in the checkpoint" for key in sorted(saved.keys() - now.keys())]
+        differences += [f"{key} has shape {saved[key]} in the checkpoint, {now[key]} now"
+                        for key in sorted(saved.keys() & now.keys()) if tuple(saved[key]) != tuple(now[key])]
+        if not differences:
+            return None
+        more = f" and {len(differences) - named} more" if len(differences) > named else ""
+        return cls(f"checkpoint {checkpoint} does not fit the model being trained: {', '.join(differences[:named])}"
+                   f"{more}; resume with the code and flags that saved it, or use a new --run-name")
+
+
+class CheckpointDamagedError(CheckpointError):
+    """A checkpoint proven damaged on disk (a file differs from its saved checksum, or the save never committed):
+    the only kind a resume skips, and later deletes."""
+
 
 class CheckpointSaveError(RunError):
     """A save that failed (disk full, permissions); the previous complete checkpoint is untouched."""

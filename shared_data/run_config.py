@@ -8,11 +8,13 @@ import json
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
-from shared_data import variants
+from shared_data import augment, variants
 from shared_data.errors import ConfigError
+from shared_data.swin_weights import WeightsFormatError
 from shared_data.trash_safe import atomic_write_json
 
 STACKS = ("lightning", "flax")
@@ -27,8 +29,8 @@ SYNTHETIC_SIZES = ("tiny", "small", "imagenette")
 NOISY_LABEL_PERCENTS = (0, 1, 5, 25, 50)
 
 # The official Swin V2 recipe (AdamW, 300 epochs with 20 of warm-up, base lr 5e-4 per 512 images,
-# warm-up from lr/1000, cosine down to lr/100, weight decay 0.05, label smoothing 0.1, clip 5.0),
-# scaled to Imagenette's 9,469 training images: 100 epochs with 5 of warm-up.
+# warm-up from lr/1000, cosine down to lr/100, weight decay 0.05, label smoothing 0.1, clip 5.0, and the
+# augmentation of shared_data.augment), scaled to Imagenette's 9,469 training images: 100 epochs with 5 of warm-up.
 DEFAULTS: dict[str, Any] = dict(
     dataset="imagenette-320",
     data_dir="data",
@@ -37,10 +39,17 @@ DEFAULTS: dict[str, Any] = dict(
     batch_size=64,
     epochs=100,
     max_steps=None,
-    lr=None,  # 5e-4 * batch_size / 512, the official linear scaling rule
+    base_lr=5e-4,  # per 512 images: lr = base_lr * batch_size / 512, the official linear scaling rule
+    lr=None,  # base_lr scaled to the batch size
     warmup_epochs=5.0,
+    warmup_start_factor=1e-3,  # warm-up starts at lr / 1000
+    cosine_end_factor=1e-2,  # cosine ends at lr / 100
     weight_decay=0.05,
     label_smoothing=0.1,
+    augment=augment.OFFICIAL,  # "basic": random crop and flip only
+    mixup=None,  # with --augment official: shared_data.augment's (Mixup 0.8, CutMix 1.0, erasing 0.25)
+    cutmix=None,
+    reprob=None,
     drop_path=None,  # the variant's own (tiny 0.2)
     grad_clip=5.0,
     seed=0,
@@ -55,29 +64,36 @@ DEFAULTS: dict[str, Any] = dict(
     noisy_labels=0,
     strict=False,
     preset=None,
-    init_from=None,  # a weights file to start from (weights only; a fresh optimiser and schedule)
+    pretrained=None,  # weights to fine-tune from (weights only; a fresh optimiser and schedule); alias --init-from
     step_timing="on",  # "off": only the epoch-level timing tags
 )
-BASE_LR_PER_512 = 5e-4
-WARMUP_START_FACTOR = 1e-3  # warm-up starts at lr / 1000
-COSINE_END_FACTOR = 1e-2  # cosine ends at lr / 100
-
 PRESETS: dict[str, dict[str, Any]] = {
     # A nano model on a small synthetic set: a whole run in well under two minutes on a 2-core CPU.
     "smoke": dict(
         dataset="synthetic", synthetic_size="small", model="swinv2_nano_window4_64", img_size=64,
         batch_size=32, epochs=5, lr=2e-3, warmup_epochs=1.0, drop_path=0.0,
-        label_smoothing=0.0, num_workers=2,
+        label_smoothing=0.0, num_workers=2, augment=augment.BASIC,
     ),
-    # The 2022 origin's comparison setting.
-    "swinv2_tiny_window8_256": dict(model="swinv2_tiny_window8_256", img_size=256, batch_size=32),
+    # The official Swin V2 fine-tuning schedule (configs/swinv2/*_ft.yaml): 30 epochs with 5 of warm-up, base lr
+    # 2e-5 per 512 images warming up from 2e-8 and decaying by cosine to 2e-7, weight decay 1e-8, no layer decay;
+    # the augmentation and label smoothing of the default recipe. Use it with --pretrained.
+    "finetune": dict(
+        epochs=30, warmup_epochs=5.0, base_lr=2e-5, warmup_start_factor=1e-3, cosine_end_factor=1e-2,
+        weight_decay=1e-8,
+    ),
+    # The 2022 origin's comparison setting. Crop and flip only: the official augmentation costs 2-5 ms of host
+    # CPU per 256 px image, which would make a speed comparison measure the loader, not the stacks.
+    "swinv2_tiny_window8_256": dict(model="swinv2_tiny_window8_256", img_size=256, batch_size=32, augment="basic"),
 }
 
 # Flags whose change makes a resumed run a different experiment.
 _RESUME_MUST_MATCH = (
     "dataset", "model", "img_size", "batch_size", "lr", "warmup_epochs", "weight_decay",
-    "label_smoothing", "drop_path", "grad_clip", "seed", "precision", "synthetic_size", "noisy_labels", "init_from",
+    "label_smoothing", "drop_path", "grad_clip", "seed", "precision", "synthetic_size", "noisy_labels", "pretrained",
+    "augment", "mixup", "cutmix", "reprob", "warmup_start_factor", "cosine_end_factor",
 )
+# What a run recorded before these settings existed trained with (crop and flip only), for the check above.
+_UNRECORDED_BEFORE = dict(augment=augment.BASIC, mixup=0.0, cutmix=0.0, reprob=0.0)
 
 
 def preset_values(preset: str | None, stack_defaults: dict[str, Any]) -> dict[str, Any]:
@@ -112,10 +128,20 @@ def build_parser(stack: str, add_stack_flags: Callable[[argparse.ArgumentParser]
     add("--batch-size", type=int, help=f"global batch size over all devices (default {d['batch_size']})")
     add("--epochs", type=int, help=f"training epochs (default {d['epochs']})")
     add("--max-steps", type=int, help="stop after this many optimiser steps (default: epochs x steps per epoch)")
-    add("--lr", type=float, help="peak learning rate (default 5e-4 x batch size / 512, the official scaling)")
+    add("--lr", type=float, help="peak learning rate (default --base-lr x batch size / 512, the official scaling)")
+    add("--base-lr", type=float, help=f"peak learning rate per 512 images, scaled to the batch size when --lr is not "
+        f"given (default {d['base_lr']}; the finetune preset's 2e-5)")
     add("--warmup-epochs", type=float, help=f"linear warm-up length in epochs (default {d['warmup_epochs']})")
     add("--weight-decay", type=float, help=f"AdamW weight decay, official exclusions (default {d['weight_decay']})")
     add("--label-smoothing", type=float, help=f"label smoothing (default {d['label_smoothing']})")
+    add("--augment", choices=augment.AUGMENTS,
+        help="official: the official Swin V2 training augmentation (random-resized crop, flip, RandAugment "
+             f"{augment.RAND_AUGMENT}, random erasing, Mixup/CutMix, soft targets; the default); "
+             "basic: random crop and flip only (the smoke preset's)")
+    add("--mixup", type=float, help=f"Mixup alpha, 0 disables (default {augment.MIXUP_ALPHA}; --augment official only)")
+    add("--cutmix", type=float, help=f"CutMix alpha, 0 disables (default {augment.CUTMIX_ALPHA}; --augment official only)")
+    add("--reprob", type=float,
+        help=f"random erasing probability per image (default {augment.ERASE_PROB}; --augment official only)")
     add("--drop-path", type=float, help="stochastic depth rate (default: the variant's, tiny 0.2)")
     add("--grad-clip", type=float, help=f"global gradient-norm clip, 0 disables (default {d['grad_clip']})")
     add("--seed", type=int, help=f"seed of data order, augmentation, init and dropout (default {d['seed']})")
@@ -127,9 +153,11 @@ def build_parser(stack: str, add_stack_flags: Callable[[argparse.ArgumentParser]
     add("--keep-checkpoints", type=int, help=f"checkpoints kept: best by val accuracy and latest (default {d['keep_checkpoints']})")
     add("--checkpoint-every-steps", type=int, help="also checkpoint every N steps (default 0: each epoch end only)")
     add("--num-workers", type=int, help="data loading workers (default min(4, cores))")
-    add("--init-from", metavar="PATH",
-        help="start from these weights (any format the weights readers take: official, timm, torchvision, "
-             "safetensors, a Lightning .ckpt); weights only, with a fresh optimiser and schedule")
+    add("--pretrained", "--init-from", dest="pretrained", metavar="PATH",
+        help="fine-tune from these weights (any format the weights readers take: official, timm, torchvision, "
+             "safetensors, a Lightning .ckpt, a run folder of either stack: its best checkpoint): weights only, a "
+             "fresh optimiser and schedule (unlike --resume); "
+             "a head of another class count is replaced, and the report printed says so. --init-from is an alias")
     add("--step-timing", choices=STEP_TIMINGS,
         help="on: write the per-step timing tags (default); off: the epoch-level tags only")
     if add_stack_flags is not None:
@@ -154,7 +182,8 @@ def resolve(args: argparse.Namespace | dict[str, Any], stack: str) -> dict[str, 
     if config["drop_path"] is None:
         config["drop_path"] = variant["drop_path_rate"]
     if config["lr"] is None:
-        config["lr"] = BASE_LR_PER_512 * config["batch_size"] / 512
+        config["lr"] = config["base_lr"] * config["batch_size"] / 512
+    config.update(augment.resolve_settings(config["augment"], config["mixup"], config["cutmix"], config["reprob"]))
     if config["num_workers"] is None:
         config["num_workers"] = min(4, os.cpu_count() or 1)
     try:
@@ -166,8 +195,6 @@ def resolve(args: argparse.Namespace | dict[str, Any], stack: str) -> dict[str, 
             raise ConfigError("--resume needs --run-name: name the run folder to continue")
         config["run_name"] = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     config["run_dir"] = str(Path(config["logdir"]) / stack / config["run_name"])
-    config["warmup_start_factor"] = WARMUP_START_FACTOR
-    config["cosine_end_factor"] = COSINE_END_FACTOR
     return config
 
 
@@ -186,8 +213,9 @@ def _check(config: dict[str, Any]) -> None:
             raise ConfigError(f"{flag} must be >= 0, got {config[key]!r}")
     if config["max_steps"] is not None and config["max_steps"] < 1:
         raise ConfigError(f"--max-steps must be a positive integer, got {config['max_steps']!r}")
-    if config["lr"] is not None and not (config["lr"] > 0 and math.isfinite(config["lr"])):
-        raise ConfigError(f"--lr must be a positive number, got {config['lr']!r}")
+    for key in ("lr", "base_lr"):
+        if config[key] is not None and not (config[key] > 0 and math.isfinite(config[key])):
+            raise ConfigError(f"--{key.replace('_', '-')} must be a positive number, got {config[key]!r}")
     if not 0 <= config["label_smoothing"] < 1:
         raise ConfigError(f"--label-smoothing must be in [0, 1), got {config['label_smoothing']!r}")
     if config["drop_path"] is not None and not 0 <= config["drop_path"] < 1:
@@ -202,14 +230,26 @@ def _check(config: dict[str, Any]) -> None:
         raise ConfigError(f"--dataset: unknown dataset {config['dataset']!r}; choose one of {', '.join(DATASETS)}")
     if config["step_timing"] not in STEP_TIMINGS:
         raise ConfigError(f"--step-timing must be on or off, got {config['step_timing']!r}")
-    if config["init_from"] is not None and not Path(config["init_from"]).is_file():
-        raise ConfigError(f"--init-from: {config['init_from']} is not a file; give a weights file "
-                          "(.pth, .pt, .bin, .safetensors or a Lightning .ckpt)")
+    if config["pretrained"] is not None and not Path(config["pretrained"]).exists():
+        raise ConfigError(f"--pretrained: {config['pretrained']} does not exist; give a weights file "
+                          "(.pth, .pt, .bin, .safetensors, a Lightning .ckpt) or a run folder")
     if config["precision"] not in PRECISIONS:
         raise ConfigError(f"--precision must be fp32 or bf16, got {config['precision']!r}")
     if config["run_name"] is not None and (not config["run_name"] or "/" in config["run_name"]
                                            or config["run_name"] in (".", "..")):
         raise ConfigError(f"--run-name must be a plain folder name, got {config['run_name']!r}")
+
+
+def load_pretrained(load: Callable[[Any, str], Any], model: Any, path: str, *, announce: bool) -> None:
+    """--pretrained in either stack: copy the weights at `path` into `model` with the stack's reader (its
+    weights.load_pretrained: derived buffers rebuilt, a head of another class count left at its init) and print the
+    reader's report when `announce`; weights that do not fit are a one-line ConfigError naming the tensors."""
+    try:
+        report = load(model, path)
+    except WeightsFormatError as error:
+        raise ConfigError(f"--pretrained: {' '.join(str(error).split())}") from None
+    if announce:
+        print(f"--pretrained: {report}", flush=True)
 
 
 def total_steps(config: dict[str, Any], steps_per_epoch: int) -> int:
@@ -237,14 +277,17 @@ def learning_rate(step: int, config: dict[str, Any], steps_per_epoch: int) -> fl
 
 
 def prepare_run_dir(config: dict[str, Any], extra: dict[str, Any] | None = None) -> Path:
-    """Create the run folder and save the resolved config; on --resume, refuse a changed experiment."""
+    """Create the run folder and save the resolved config; on --resume, refuse a changed experiment.
+
+    --resume on a folder without config.json (none yet, or a run killed before writing it) starts the run, as a
+    job scheduler that always relaunches with --resume needs; the stack then warns that it starts from step 0
+    (warn_no_checkpoint) unless it finds checkpoints to continue.
+    """
     run_dir = Path(config["run_dir"])
     config_path = run_dir / "config.json"
     record = dict(config, **(extra or {}), command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]))
-    if config["resume"]:
-        if not config_path.is_file():
-            raise ConfigError(f"--resume: no run to continue at {run_dir} (no config.json); check --run-name and --logdir")
-        saved = json.loads(config_path.read_text())
+    if config["resume"] and config_path.is_file():
+        saved = dict(_UNRECORDED_BEFORE, **json.loads(config_path.read_text()))
         changed = [k for k in _RESUME_MUST_MATCH if k in saved and saved[k] != record.get(k)]
         if changed:
             diffs = ", ".join(f"--{k.replace('_', '-')} {saved[k]!r} -> {record.get(k)!r}" for k in changed)
@@ -253,10 +296,21 @@ def prepare_run_dir(config: dict[str, Any], extra: dict[str, Any] | None = None)
         record["resumed_from_config"] = str(config_path)
         _write_record(run_dir / "config.resume.json", record)
         return run_dir
-    if config_path.exists():
-        raise ConfigError(f"--run-name: {run_dir} already exists; pass --resume to continue it or pick another name")
+    refuse_existing_run(config)
     _write_record(config_path, record)
     return run_dir
+
+
+def refuse_existing_run(config: dict[str, Any]) -> None:
+    """Without --resume, a run folder that already holds a run (its config.json) is a ConfigError naming --run-name."""
+    run_dir = Path(config["run_dir"])
+    if not config["resume"] and (run_dir / "config.json").exists():
+        raise ConfigError(f"--run-name: {run_dir} already exists; pass --resume to continue it or pick another name")
+
+
+def warn_no_checkpoint(run_dir: str | os.PathLike) -> None:
+    """The one warning of a --resume with nothing to continue from: the run starts from step 0."""
+    warnings.warn(f"--resume: {run_dir} has no checkpoint yet; starting from step 0", stacklevel=2)
 
 
 def _write_record(path: Path, record: dict[str, Any]) -> None:

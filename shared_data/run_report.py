@@ -60,15 +60,20 @@ class EpochResult:
         return self.val_images / self.val_time_s if self.val_time_s > 0 else 0.0
 
     def scalars(self) -> dict[str, float]:
-        """The epoch tags (TensorBoard step = `epoch`), without the memory tags."""
+        """The epoch tags known once the validation is over (TensorBoard step = `epoch`), without the memory tags:
+        both stacks write and flush them before the epoch's checkpoint is saved, so a kill never publishes a
+        checkpoint whose epoch the event files lack."""
         return {
             tags.EPOCH_TRAIN_TIME: self.train_time_s, tags.EPOCH_VAL_TIME: self.val_time_s,
             tags.EPOCH_TRAIN_IMAGES_PER_S: self.train_images_per_s, tags.EPOCH_VAL_IMAGES_PER_S: self.val_images_per_s,
-            tags.EPOCH_CHECKPOINT_TIME: self.checkpoint_time_s, tags.EPOCH_WALL_TIME: self.wall_time_s,
             tags.EPOCH_STEPS_TIMED: self.steps_timed,
             tags.VAL_LOSS: self.val_loss, tags.VAL_ACCURACY: self.val_accuracy,
             tags.VAL_ACCURACY_TOP5: self.val_accuracy_top5,
         }
+
+    def closing_scalars(self) -> dict[str, float]:
+        """The epoch tags that include the epoch's checkpoint save, so are known only after it."""
+        return {tags.EPOCH_CHECKPOINT_TIME: self.checkpoint_time_s, tags.EPOCH_WALL_TIME: self.wall_time_s}
 
     def history_entry(self) -> dict[str, float]:
         """The record kept in checkpoints and summed up in summary.json."""

@@ -1,17 +1,34 @@
-"""Read any Swin V2 weights file (official, timm, torchvision, Lightning, safetensors) as official-named arrays."""
+"""Read Swin V2 weights (official, timm, torchvision, Lightning, safetensors, Flax runs) as official-named arrays."""
 
 from __future__ import annotations
 
+import collections
+import importlib
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+
+from shared_data.retention import CheckpointInfo, best_steps
 
 # Buffers every implementation derives from its configuration; loading them would pin the window size.
 DERIVED_BUFFERS = ("relative_position_index", "relative_coords_table", "attn_mask", "k_bias")
 FORMATS = ("official", "timm", "torchvision", "lightning", "flax")
+HEAD_KEYS = ("head.weight", "head.bias")
+# Which checkpoint of a run folder to read: the best by validation accuracy, or the newest.
+CHECKPOINT_CHOICES = ("best", "latest")
+# Each stack's checkpointing module is the one home of its checkpoint layout (list_checkpoints); a run folder's
+# config.json names its stack.
+_CHECKPOINT_MODULES = {"lightning": "lightning_swin.checkpointing", "flax": "flax_swin.checkpointing"}
+# The TrainState item of a Flax step folder (flax_swin.checkpointing.STATE_ITEM) and the entry holding the weights.
+_FLAX_STATE_ITEM = "state"
+_FLAX_PARAMS = "params"
+# Where a placeholder keeps the name of the class it stands in for.
+_PICKLED_CLASS = "__pickled_class__"
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 _TORCHVISION_STAGE = re.compile(r"^features\.(\d+)\.(.*)$")
 _TIMM_DOWNSAMPLE = re.compile(r"^layers\.(\d+)\.downsample\.")
@@ -21,17 +38,98 @@ class WeightsFormatError(ValueError):
     """A weights file or state dict that cannot be read as Swin V2 weights; the message names the source."""
 
 
-def read_weights(path: str | Path) -> tuple[dict[str, np.ndarray], str]:
-    """Load `path` (.pth/.pt/.ckpt via torch.load(weights_only=True), or .safetensors) -> (arrays, format).
+def read_weights(path: str | Path, checkpoint: str = "best") -> tuple[dict[str, np.ndarray], str]:
+    """Load weights -> (official-named arrays, format); the format is one of FORMATS.
 
-    The format is one of FORMATS; derived buffers are dropped; unknown keys are kept so the loader can report them.
+    `path` is a file (.pth/.pt/.bin/.ckpt read by torch's weights-only unpickler, or .safetensors), a Flax step
+    folder (`<run>/checkpoints/<step>`), or a run folder of either stack, whose `checkpoint` (see
+    find_checkpoint) is read. Derived buffers are dropped; unknown keys are kept so the loader can report them.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsFormatError(f"{path}: not a weights file (missing, or a directory); check the path")
-    raw, declared = _load_file(path)
+    path = find_checkpoint(path, checkpoint)
+    if path.is_dir():
+        raw, declared = _load_flax_step(path), "flax"
+    else:
+        raw, declared = _load_file(path)
     state, fmt = canonicalize(raw, source=str(path))
     return state, declared or fmt
+
+
+def read_source(source: str | Path | Mapping[str, Any],
+                checkpoint: str = "best") -> tuple[dict[str, np.ndarray], str, str]:
+    """(official-named arrays, format, what was read) from anything read_weights reads or an in-memory state dict;
+    what was read names the checkpoint a run folder stood for."""
+    if isinstance(source, Mapping):
+        return (*canonicalize(source), "<state dict>")
+    path = find_checkpoint(source, checkpoint)
+    return (*read_weights(path), str(path))
+
+
+def find_checkpoint(path: str | Path, checkpoint: str = "best") -> Path:
+    """The weights `path` stands for: a file or a Flax step folder is itself; for a run folder of either stack
+    (holding `checkpoints/`), its complete checkpoint named by `checkpoint`: "best" (highest validation accuracy,
+    the earlier of equals, as retention keeps it) or "latest" (highest step).
+
+    Raises WeightsFormatError naming the path and what to give instead.
+    """
+    path = Path(path)
+    if checkpoint not in CHECKPOINT_CHOICES:
+        raise WeightsFormatError(f"{path}: unknown checkpoint {checkpoint!r}; choose {' or '.join(CHECKPOINT_CHOICES)}")
+    if path.is_file() or _is_flax_step(path):
+        return path
+    if path.name == "checkpoints":
+        path = path.parent
+    if not path.is_dir():
+        raise WeightsFormatError(f"{path}: no such file or folder; check the path")
+    if not (path / "checkpoints").is_dir():
+        raise WeightsFormatError(f"{path}: a folder that is neither a run (no checkpoints/) nor a Flax checkpoint "
+                                 "(<run>/checkpoints/<step>); give a weights file or a run folder")
+    stack = run_stack(path)
+    infos = [info for info in importlib.import_module(_CHECKPOINT_MODULES[stack]).list_checkpoints(path)
+             if info.complete and info.step is not None]
+    if not infos:
+        raise WeightsFormatError(f"{path}: this {stack} run has no complete checkpoint yet")
+    return _pick(infos, checkpoint, path).path
+
+
+def find_run_config(path: str | Path) -> dict[str, Any] | None:
+    """The config.json of the run that `path` (a run folder, or a checkpoint in its checkpoints/) belongs to, or
+    None for weights from elsewhere."""
+    path = Path(path)
+    for folder in (path, path.parent, path.parent.parent):
+        if (folder / "checkpoints").is_dir() and (folder / "config.json").is_file():
+            try:
+                config = json.loads((folder / "config.json").read_text())
+            except (OSError, ValueError):
+                return None
+            return config if isinstance(config, dict) else None
+    return None
+
+
+def run_stack(run_dir: str | Path) -> str:
+    """The stack that wrote a run folder: its config.json's "stack", else told by its checkpoint files."""
+    run_dir = Path(run_dir)
+    stack = (find_run_config(run_dir) or {}).get("stack")
+    if stack in _CHECKPOINT_MODULES:
+        return stack
+    return "lightning" if any((run_dir / "checkpoints").glob("*.ckpt")) else "flax"
+
+
+def _pick(infos: Sequence[CheckpointInfo], checkpoint: str, run_dir: Path) -> CheckpointInfo:
+    if checkpoint == "best":
+        chosen = best_steps([(info.step, info.val_accuracy) for info in infos], keep=2)
+        if not chosen:
+            raise WeightsFormatError(f"{run_dir}: no checkpoint records a validation accuracy, so none is the best; "
+                                     "ask for the latest")
+        step = chosen.pop()
+    else:
+        step = max(info.step for info in infos)
+    # Every file of one step holds the same weights; prefer the one named for the role asked for.
+    role = "best" if checkpoint == "best" else "last"
+    return max((info for info in infos if info.step == step), key=lambda info: info.role == role)
+
+
+def _is_flax_step(path: Path) -> bool:
+    return path.is_dir() and path.name.isdigit() and (path / _FLAX_STATE_ITEM).is_dir()
 
 
 def canonicalize(raw: Mapping[str, Any], source: str = "<state dict>") -> tuple[dict[str, np.ndarray], str]:
@@ -59,22 +157,158 @@ def _load_file(path: Path) -> tuple[Mapping[str, Any], str | None]:
                 metadata = handle.metadata() or {}
                 raw = {key: handle.get_tensor(key) for key in handle.keys()}
         except Exception as error:  # safetensors raises its own untyped errors for corrupt headers
-            raise WeightsFormatError(f"{path}: not a readable safetensors file ({error})") from None
+            raise WeightsFormatError(f"{path}: not a readable safetensors file ({_one_line_cause(error)})") from None
         declared = metadata.get("format")
         return raw, declared if declared in FORMATS else None
+    try:
+        raw = _torch_load(path)
+    except Exception as error:  # pickle, zip and allow-list failures all mean "not a plain weights file"
+        cause = _one_line_cause(error)
+        # Torch refuses a few modules (os, sys) outright, before any placeholder could stand in.
+        blocked = re.search(r"GLOBAL (\S+) whose module \S+ is blocked", cause)
+        name = error.name if isinstance(error, _ForbiddenCall) else blocked.group(1) if blocked else None
+        if name is not None:
+            raise WeightsFormatError(f"{path}: refused: loading it would call {name}, which could run arbitrary "
+                                     "code; only tensors, containers and plain objects are read") from None
+        raise WeightsFormatError(f"{path}: torch's weights-only unpickler cannot read it ({cause}); give a state "
+                                 "dict, an official/Lightning checkpoint or a .safetensors file") from None
+    if not isinstance(raw, Mapping) or _pickled_class(raw):
+        kind = _pickled_class(raw) or type(raw).__name__
+        raise WeightsFormatError(f"{path}: holds a {kind} object, not a state dict; save model.state_dict()")
+    return raw, None
+
+
+class _ForbiddenCall(Exception):
+    """A pickle asked to call a global that is not allow-listed: the way a file runs code when loaded."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+class _Placeholder(type):
+    """Metaclass of the stand-ins for globals a file names that torch does not allow-list (a training
+    script's config class, subprocess.call). Creating an instance the way pickle stores plain objects (NEWOBJ) gives
+    an inert OrderedDict, the one container whose items (SETITEMS) and attributes (BUILD) torch's unpickler fills
+    without running code, so a yacs CfgNode or any config object beside `model` is skipped; calling the global
+    (REDUCE) is refused."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        raise _ForbiddenCall(cls.global_name)
+
+
+def _placeholder(name: str) -> type:
+    def __new__(cls: type, *args: Any) -> collections.OrderedDict:
+        stand_in = collections.OrderedDict()
+        stand_in.__dict__[_PICKLED_CLASS] = name
+        return stand_in
+
+    return _Placeholder(name.rpartition(".")[2], (), {"__new__": __new__, "global_name": name})
+
+
+def _pickled_class(value: Any) -> str | None:
+    """The class a placeholder stands in for; None for anything else."""
+    return vars(value).get(_PICKLED_CLASS) if isinstance(value, collections.OrderedDict) else None
+
+
+def _numpy_globals() -> list[Any]:
+    """What pickled numpy arrays and scalars are rebuilt from (our Lightning checkpoints keep numpy RNG states):
+    functions that copy bytes into a new array or scalar and call nothing else, under numpy 1's and 2's names."""
+    core = np._core if hasattr(np, "_core") else np.core
+    rebuild = [(getattr(core.multiarray, name), f"{module}.multiarray.{name}")
+               for module in ("numpy.core", "numpy._core") for name in ("_reconstruct", "scalar")]
+    dtypes = [getattr(np.dtypes, name) for name in getattr(np.dtypes, "__all__", ())]
+    return [*rebuild, np.ndarray, np.dtype, *dtypes]
+
+
+def _torch_load(path: Path) -> Any:
+    """torch.load with the weights-only unpickler, every global it does not allow-list given an inert placeholder
+    (see _Placeholder): arbitrary objects are never unpickled, and objects beside the weights never stop a load."""
     import torch
 
+    with torch.serialization.safe_globals(_numpy_globals()):
+        try:
+            unknown = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:  # not a zip archive (legacy or not torch at all): torch.load's own checks report it
+            unknown = []
+        with torch.serialization.safe_globals([(_placeholder(name), name) for name in unknown]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _one_line_cause(error: BaseException) -> str:
+    """The unpickler's own reason inside torch's multi-line, ANSI-coloured message, as one plain line."""
+    text = _ANSI_ESCAPE.sub("", str(error))
+    match = re.search(r"WeightsUnpickler error: *(\S[^\n]*)", text)
+    if match:
+        cause = match.group(1)
+    else:
+        # torch puts its general advice first and the unpickler's message in a paragraph of its own.
+        paragraphs = [part.strip() for part in text.split("\n\n") if part.strip()]
+        specific = [part for part in paragraphs
+                    if not part.startswith(("Weights only load failed", "Check the documentation"))]
+        cause = (specific or paragraphs or [type(error).__name__])[0]
+    cause = cause.split(" Please use `torch.serialization")[0]  # advice to allow-list it: never, for us
+    return " ".join(cause.split())
+
+
+def _load_flax_step(step_dir: Path) -> dict[str, np.ndarray]:
+    """The parameters of a Flax step folder's TrainState (not its optimiser state), official names, torch layout."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    item = step_dir / _FLAX_STATE_ITEM
+    handler = ocp.PyTreeCheckpointHandler()
     try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # pickle, zip and allow-list failures all mean "not a plain weights file"
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise WeightsFormatError(
-            f"{path}: torch.load(weights_only=True) cannot read it ({first_line}); "
-            f"give a state dict, an official/Lightning checkpoint or a .safetensors file"
-        ) from None
-    if not isinstance(raw, Mapping):
-        raise WeightsFormatError(f"{path}: holds a {type(raw).__name__}, not a state dict; save model.state_dict()")
-    return raw, None
+        tree = handler.metadata(item).tree
+        if not isinstance(tree, Mapping) or _FLAX_PARAMS not in tree:
+            raise WeightsFormatError(f"{step_dir}: not a Flax training checkpoint (no {_FLAX_PARAMS} in its state)")
+        as_numpy = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree[_FLAX_PARAMS])
+        restored = handler.restore(item, args=ocp.args.PyTreeRestore(
+            item={_FLAX_PARAMS: tree[_FLAX_PARAMS]}, restore_args={_FLAX_PARAMS: as_numpy}, partial_restore=True))
+    except WeightsFormatError:
+        raise
+    except Exception as error:  # orbax and tensorstore raise many types; all mean "unreadable"
+        raise WeightsFormatError(f"{step_dir}: cannot be restored ({type(error).__name__}: "
+                                 f"{_one_line_cause(error)})") from None
+    finally:
+        handler.close()
+    return {flax_to_official(path): flax_to_torch_layout(path, np.asarray(value))
+            for path, value in _flatten(restored[_FLAX_PARAMS])}
+
+
+def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> Iterable[tuple[tuple[str, ...], Any]]:
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            yield from _flatten(value, (*prefix, str(key)))
+        else:
+            yield (*prefix, str(key)), value
+
+
+def flax_to_official(path: Sequence[Any]) -> str:
+    """Flax parameter path -> official parameter name.
+
+    Three renames: nnx.Sequential keeps its items under `layers` (`cpb_mlp.layers.0` is `cpb_mlp.0`), and
+    Linear/Conv `kernel` and LayerNorm `scale` are torch's `weight`.
+    """
+    parts = [str(part) for part in path]
+    parts = [part for i, part in enumerate(parts) if not (part == "layers" and i > 0 and parts[i - 1] == "cpb_mlp")]
+    if parts[-1] in ("kernel", "scale"):
+        parts[-1] = "weight"
+    return ".".join(parts)
+
+
+def flax_to_torch_layout(path: Sequence[Any], value: np.ndarray) -> np.ndarray:
+    """Linear kernels are [in, out] in Flax and [out, in] in torch; conv kernels HWIO vs OIHW."""
+    if str(path[-1]) == "kernel":
+        value = value.T if value.ndim == 2 else value.transpose(3, 2, 0, 1)
+    return np.ascontiguousarray(value)
+
+
+def torch_to_flax_layout(path: Sequence[Any], value: np.ndarray) -> np.ndarray:
+    """The inverse of flax_to_torch_layout for the parameter at Flax `path`."""
+    if str(path[-1]) == "kernel":
+        value = value.T if value.ndim == 2 else value.transpose(2, 3, 1, 0)
+    return np.ascontiguousarray(value)
 
 
 def _unwrap(raw: Mapping[str, Any], source: str) -> tuple[Mapping[str, Any], str | None]:
@@ -163,6 +397,25 @@ def _to_numpy(value: Any) -> np.ndarray:
     return value.numpy()
 
 
+def check_fit(weights: Mapping[str, Any], model_shapes: Mapping[str, tuple[int, ...]], source: str) -> None:
+    """Raise WeightsFormatError listing the missing, unexpected and mis-shaped tensors of official-named `weights`
+    against a model whose parameters have `model_shapes` (official names, torch layout)."""
+    missing = sorted(set(model_shapes) - set(weights))
+    unexpected = sorted(set(weights) - set(model_shapes))
+    mismatched = sorted(
+        f"{key} {tuple(np.shape(weights[key]))} vs model {tuple(model_shapes[key])}"
+        for key in set(weights) & set(model_shapes)
+        if tuple(np.shape(weights[key])) != tuple(model_shapes[key])
+    )
+    problems = [
+        f"{label} ({len(keys)}): {', '.join(keys)}"
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched))
+        if keys
+    ]
+    if problems:
+        raise WeightsFormatError(f"{source}: weights do not fit the model; " + "; ".join(problems))
+
+
 @dataclass
 class LoadReport:
     """What load_pretrained did: where the weights came from and whether the head was kept at its init."""
@@ -176,3 +429,21 @@ class LoadReport:
     def __str__(self) -> str:
         text = f"loaded {len(self.loaded)} tensors from {self.source} ({self.fmt} format)"
         return f"{text}; {self.head_note}" if self.head_replaced else text
+
+    def drop_foreign_head(self, state: dict[str, np.ndarray], model_shapes: Mapping[str, tuple[int, ...]]) -> bool:
+        """When the head in `state` differs from the model's (another class count, or none), remove it from
+        `state`, so the model keeps its own head at its init, and say so in this report. Returns whether it did."""
+        wanted = {key: tuple(model_shapes[key]) for key in HEAD_KEYS if key in model_shapes}
+        given = {key: tuple(state[key].shape) for key in HEAD_KEYS if key in state}
+        if wanted == given:
+            return False
+        for key in HEAD_KEYS:
+            state.pop(key, None)
+        self.head_replaced = True
+        self.head_note = f"head {_describe_head(given)} replaced by the model's {_describe_head(wanted)} at init"
+        return True
+
+
+def _describe_head(shapes: Mapping[str, tuple[int, ...]]) -> str:
+    weight = shapes.get("head.weight")
+    return f"with {weight[0]} classes" if weight else "(absent)"

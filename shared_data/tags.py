@@ -40,5 +40,7 @@ PER_EPOCH = (
     EPOCH_TRAIN_TIME, EPOCH_VAL_TIME, EPOCH_TRAIN_IMAGES_PER_S, EPOCH_VAL_IMAGES_PER_S,
     EPOCH_CHECKPOINT_TIME, EPOCH_WALL_TIME, EPOCH_STEPS_TIMED, VAL_LOSS, VAL_ACCURACY, VAL_ACCURACY_TOP5, HOST_PEAK_MB,
 )
+# Every tag whose TensorBoard step is the epoch number.
+EPOCH_AXIS = PER_EPOCH + (DEVICE_PEAK_MB,)
 # Every tag a run on any device must write (DEVICE_PEAK_MB only where the device reports memory).
 REQUIRED = PER_STEP + (FIRST_STEP_TIME,) + PER_EPOCH

@@ -23,7 +23,7 @@ FAKE_TRAINING_SCRIPT = textwrap.dedent("""
     parser = argparse.ArgumentParser()
     for flag in ("--preset", "--dataset", "--data-dir", "--model", "--img-size", "--batch-size", "--epochs",
                  "--max-steps", "--seed", "--precision", "--run-name", "--logdir", "--num-workers",
-                 "--synthetic-size", "--init-from"):
+                 "--synthetic-size", "--pretrained", "--augment"):
         parser.add_argument(flag)
     parser.add_argument("--compile", action="store_true")
     args = parser.parse_args()
@@ -34,7 +34,7 @@ FAKE_TRAINING_SCRIPT = textwrap.dedent("""
     shutil.copytree({template!r}, run_dir)
     config = json.loads((run_dir / "config.json").read_text())
     config.update(run_name=args.run_name, compile=args.compile, batch_size=int(args.batch_size or 8),
-                  precision=args.precision or "fp32", init_from=args.init_from)
+                  precision=args.precision or "fp32", pretrained=args.pretrained)
     (run_dir / "config.json").write_text(json.dumps(config))
     (run_dir / "argv.json").write_text(json.dumps(sys.argv[1:]))
     caches = {{name: os.environ.get(name)
@@ -269,7 +269,7 @@ def test_same_init_writes_one_set_of_weights_and_starts_every_run_from_it(tmp_pa
     assert fmt == "official" and state["head.weight"].shape[0] == 10  # the dataset's classes
     for argv_path in (tmp_path / "runs").rglob("argv.json"):
         argv = json.loads(argv_path.read_text())
-        assert argv[argv.index("--init-from") + 1] == str(weights.resolve())
+        assert argv[argv.index("--pretrained") + 1] == str(weights.resolve())
     assert "### Same training" in report and "| init-weights.pth |" in report
     # The weights follow from the seed alone.
     again = benchmark.write_init_weights(benchmark.parse_args(["--seed", "5"]), tmp_path / "again.pth")

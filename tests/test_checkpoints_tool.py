@@ -243,15 +243,16 @@ def _real_lightning_run(logdir: Path) -> Path:
 
 
 def _real_flax_run(logdir: Path) -> Path:
+    import jax
     import jax.numpy as jnp
     from flax_swin import checkpointing
 
     run = logdir / "flax" / "real"
     run.mkdir(parents=True)
     (run / "config.json").write_text(json.dumps({"stack": "flax"}))
-    manager = checkpointing.Checkpointer(run, keep=10, asynchronous=False)
+    manager = checkpointing.Checkpointer(run, keep=10)
     for step, accuracy in [(2, 0.1), (4, 0.5), (6, 0.3), (8, 0.2)]:
-        state = {"step": jnp.asarray(step, jnp.int32), "params": {"w": jnp.full((64, 64), step, jnp.float32)}}
+        state = {"step": jnp.asarray(step, jnp.int32), "params": {"w": jax.random.normal(jax.random.key(step), (64, 64))}}
         manager.save(step, state, {"step": step, "epoch": step // 2, checkpointing.VAL_ACCURACY_METRIC: accuracy},
                      accuracy)
     manager.close()
@@ -296,6 +297,36 @@ def test_real_checkpoints_list_verify_prune_and_clean(stack, tmp_path, trash, ca
     best_step = {"lightning": 6, "flax": 4}[stack]
     assert [s for s, _ in kept] == sorted({best_step, latest.step, steps_before[-2]}), kept
     assert all(p.stat().st_size == 0 for p in trash.rglob("*") if p.is_file())
+    assert backend.leftovers(run) == [], "a pruned checkpoint's checksum sidecar goes with it"
+
+
+@pytest.mark.parametrize("stack", tool.STACKS)
+def test_verify_finds_one_flipped_byte_inside_a_tensor_and_names_the_file(stack, tmp_path, capsys):
+    run = {"lightning": _real_lightning_run, "flax": _real_flax_run}[stack](tmp_path)
+    tool.main(["clean", str(run)])
+    latest = Path(max(tool.backend(stack).list_checkpoints(run), key=lambda i: (i.step, str(i.path))).path)
+    files = [latest] if latest.is_file() else [p for p in latest.rglob("*") if p.is_file()]
+    victim = max(files, key=lambda p: p.stat().st_size)
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x10  # the middle of the largest file: inside the 64 x 64 weight tensor
+    victim.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert tool.main(["verify", str(run)]) == 1
+    out = capsys.readouterr().out
+    assert "3 of 4 checkpoints restore; 1 do not" in out
+    assert victim.name in out and "SHA-256 mismatch" in out
+
+
+@pytest.mark.parametrize("stack", tool.STACKS)
+def test_verify_takes_a_relative_run_folder_and_the_default_logdir(stack, tmp_path, monkeypatch, capsys):
+    run = {"lightning": _real_lightning_run, "flax": _real_flax_run}[stack](tmp_path / "runs")
+    tool.main(["clean", str(run)])
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert tool.main(["verify", f"runs/{stack}/real"]) == 0, capsys.readouterr().out
+    assert "4 of 4 checkpoints restore" in capsys.readouterr().out
+    assert tool.main(["verify"]) == 0  # the default target, "runs"
+    assert "4 of 4 checkpoints restore" in capsys.readouterr().out
 
 
 def test_command_line_prunes_a_logdir_and_reports_errors_in_one_line(tmp_path):

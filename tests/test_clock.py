@@ -60,7 +60,7 @@ def same_init_runs(tmp_path_factory, synthetic_data_dir, compilation_cache, init
     logdir = tmp_path_factory.mktemp("same-init")
     torch.set_num_threads(1)  # several suites share two cores
     for stack in stacks.STACKS:
-        stacks.train(stack, logdir, synthetic_data_dir, "--epochs", "2", "--init-from", str(init_weights))
+        stacks.train(stack, logdir, synthetic_data_dir, "--epochs", "2", "--pretrained", str(init_weights))
     return {stack: logdir / stack / "run" for stack in stacks.STACKS}
 
 
@@ -83,7 +83,8 @@ def test_step_times_follow_the_one_clock(same_init_runs, stack):
     step_s, wait_s, compute_s = (dict(scalars[tag]) for tag in (tags.STEP_TIME, tags.DATA_WAIT_TIME, tags.COMPUTE_TIME))
     assert sorted(step_s) == list(range(1, 2 * STEPS_PER_EPOCH + 1))
     for step in step_s:
-        assert wait_s[step] >= 0 and compute_s[step] == pytest.approx(step_s[step] - wait_s[step], abs=1e-6)
+        # Event files hold float32: a 26 s first step (compilation on a busy machine) is stored to within 2e-6 s.
+        assert wait_s[step] >= 0 and compute_s[step] == pytest.approx(step_s[step] - wait_s[step], rel=1e-6, abs=1e-6)
     assert dict(scalars[tags.FIRST_STEP_TIME]) == {1: step_s[1]}
     # Step times are intervals between consecutive completions, so an epoch's steps tile its train time.
     train_time = dict(scalars[tags.EPOCH_TRAIN_TIME])
@@ -97,7 +98,7 @@ def test_step_times_follow_the_one_clock(same_init_runs, stack):
 def test_a_run_resumed_after_an_epoch_end_writes_each_epoch_once(same_init_runs, synthetic_data_dir, init_weights,
                                                                  stack):
     run_dir = same_init_runs[stack]
-    stacks.train(stack, run_dir.parent.parent, synthetic_data_dir, "--epochs", "3", "--init-from", str(init_weights),
+    stacks.train(stack, run_dir.parent.parent, synthetic_data_dir, "--epochs", "3", "--pretrained", str(init_weights),
                  "--resume")
     scalars = stacks.scalars(run_dir)
     for tag in tags.PER_EPOCH:

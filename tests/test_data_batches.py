@@ -1,4 +1,5 @@
-"""Batches are pure functions of (seed, epoch, index): same bytes in any process, worker count or shard."""
+"""Batches are pure functions of (seed, epoch, index): same bytes in any process, worker count or shard, with either
+augmentation."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import textwrap
 import numpy as np
 import pytest
 
+from shared_data.augment import Augmentation
 from shared_data.batches import train_batch, train_steps_per_epoch, val_batch, val_steps
 from shared_data.loader import BatchLoader
 from shared_data.normalize import MEAN, STD, normalize_numpy
@@ -17,13 +19,14 @@ from shared_data.normalize import MEAN, STD, normalize_numpy
 IMG = 64
 BATCH = 16
 PICKS = [(0, 0, 0), (0, 0, 5), (0, 3, 2), (7, 1, 11)]  # (seed, epoch, index)
+AUGMENTATIONS = {"basic": None, "official": Augmentation(num_classes=10)}
 
 
 def _digest(batches) -> str:
     digest = hashlib.sha256()
-    for images, labels in batches:
-        digest.update(images.tobytes())
-        digest.update(labels.tobytes())
+    for batch in batches:
+        for array in batch:
+            digest.update(array.tobytes())
     return digest.hexdigest()
 
 
@@ -31,32 +34,35 @@ def _train(data, seed, epoch, index, **kwargs):
     return train_batch(data.train, seed=seed, epoch=epoch, index=index, batch_size=BATCH, img_size=IMG, **kwargs)
 
 
-def test_train_batch_is_bit_identical_in_another_process(prepared_data, synthetic_data_dir):
-    here = _digest(_train(prepared_data, *pick) for pick in PICKS)
+@pytest.mark.parametrize("augment", sorted(AUGMENTATIONS))
+def test_train_batch_is_bit_identical_in_another_process(prepared_data, synthetic_data_dir, augment):
+    here = _digest(_train(prepared_data, *pick, augment=AUGMENTATIONS[augment]) for pick in PICKS)
     script = textwrap.dedent(f"""
         import hashlib
+        from shared_data.augment import Augmentation
         from shared_data.batches import train_batch
         from shared_data.prepare import prepare_data
         data = prepare_data("synthetic", {str(synthetic_data_dir)!r}, {IMG}, synthetic_size="tiny", progress=False)
+        augment = Augmentation(num_classes=10) if {augment!r} == "official" else None
         digest = hashlib.sha256()
         for seed, epoch, index in {PICKS!r}:
-            images, labels = train_batch(data.train, seed=seed, epoch=epoch, index=index, batch_size={BATCH},
-                                         img_size={IMG})
-            digest.update(images.tobytes())
-            digest.update(labels.tobytes())
+            for array in train_batch(data.train, seed=seed, epoch=epoch, index=index, batch_size={BATCH},
+                                     img_size={IMG}, augment=augment):
+                digest.update(array.tobytes())
         print(digest.hexdigest())
     """)
     there = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert there.stdout.strip() == here
 
 
-@pytest.mark.parametrize("workers", [1, 3])
-def test_loader_yields_identical_batches_at_any_worker_count(prepared_data, workers):
+@pytest.mark.parametrize("augment", sorted(AUGMENTATIONS))
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_loader_yields_identical_batches_at_any_worker_count(prepared_data, workers, augment):
     steps = train_steps_per_epoch(len(prepared_data.train), BATCH)
     indices = range(2 * steps)
 
     def fetch(i):
-        return _train(prepared_data, 0, i // steps, i % steps)
+        return _train(prepared_data, 0, i // steps, i % steps, augment=AUGMENTATIONS[augment])
 
     serial = list(BatchLoader(fetch, indices, num_workers=0))
     parallel = list(BatchLoader(fetch, indices, num_workers=workers, prefetch=5))

@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 
 from scripts import checkpoints as tool
+from shared_data import tags
+from tests import stacks
 
 REPO = Path(__file__).resolve().parents[1]
 STACKS = ("lightning", "flax")
@@ -90,8 +92,10 @@ def _commit_hook(original):
             return original(src, dst, *args, **kwargs)
         if _disk_full():
             raise _no_space(dst)
-        # Only a rename into the checkpoints folder itself publishes a save; others are inner steps of one.
-        if os.path.dirname(_abs(dst, kwargs.get("dst_dir_fd"))) != _WATCH:
+        # Only a rename into the checkpoints folder itself publishes a save; others are inner steps of one, and so
+        # is a Lightning checkpoint's checksum sidecar, written just before it.
+        target = _abs(dst, kwargs.get("dst_dir_fd"))
+        if os.path.dirname(target) != _WATCH or target.endswith(".sha256"):
             return original(src, dst, *args, **kwargs)
         _event(f"commit {os.fsdecode(src)} {os.fsdecode(dst)}")
         if _COMMIT_DELAY:
@@ -445,32 +449,49 @@ def test_killed_at_ten_random_moments_resumes_to_identical_weights(stack, tmp_pa
     _check_matches_reference(harness, reference)
 
 
+# Words that mark a line of output as a report of trouble (progress bars share the terminal, so lines are split on
+# carriage returns too).
+_TROUBLE = re.compile(r"error|warning|traceback|exception|failed|no space|disk full", re.IGNORECASE)
+
+
 @pytest.mark.parametrize("stack", STACKS)
-def test_disk_full_during_save_stops_with_clear_message_and_keeps_previous_checkpoint(stack, tmp_path, data_dir):
+def test_disk_full_during_save_stops_with_one_line_naming_the_step_and_keeps_previous_checkpoint(stack, tmp_path,
+                                                                                              data_dir):
     harness = Harness(stack, tmp_path, data_dir)
-    # The disk fills up right after the first checkpoint (step 2) is committed.
+    # The disk fills up right after the first checkpoint (step 2) is committed: the save of step 4 fails.
     attempt = harness.attempt(resume=False, SWIN_TEST_DISK_FULL_AFTER_COMMITS="1")
     assert "enospc" in harness.events_file.read_text(), "the simulated full disk was never written to"
     assert attempt.returncode not in (0, None), f"{stack}: run went on with a full disk"
-    # Progress bars share the terminal, so look for the message among all lines, not just the last.
-    lines = [line.strip().lower() for line in re.split(r"[\r\n]+", attempt.output)]
-    assert any(("no space left" in line or "disk full" in line) and "intact" in line for line in lines), \
-        attempt.output[-3000:]
+    trouble = [line.strip() for line in re.split(r"[\r\n]+", attempt.output) if _TROUBLE.search(line)]
+    assert len(trouble) == 1, f"{stack}: more than the one line:\n" + "\n".join(trouble[:40])
+    message = trouble[0].lower()
+    assert ("no space left" in message or "disk full" in message) and "intact" in message, message
+    assert {"lightning": "step=000004", "flax": "step 4 "}[stack] in message, f"{stack}: names another step: {message}"
     assert harness.complete_steps() == [EVERY]
     harness.check_after_kill()
-    assert "Traceback" not in attempt.output, f"{stack}: a traceback besides the message:\n{attempt.output[-3000:]}"
+    # The partial save of step 4 is gone already, every file emptied before it was removed.
+    assert harness.backend().leftovers(harness.run_dir) == []
+    assert [p.name for p in harness.trash.iterdir() if p.stat().st_size] == []
 
 
-def _corrupt(path: Path) -> Path:
-    """Truncate the checkpoint's largest file to half, as an interrupted copy or a failing disk leaves it."""
+def _corrupt(path: Path, damage: str) -> Path:
+    """Damage the checkpoint's largest file as a failing disk or an interrupted copy does: truncate it to half, or
+    flip one bit in its middle (inside the largest tensor's bytes)."""
     files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
     victim = max(files, key=lambda p: p.stat().st_size)
-    os.truncate(victim, victim.stat().st_size // 2)
+    if damage == "truncated":
+        os.truncate(victim, victim.stat().st_size // 2)
+    else:
+        data = bytearray(victim.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        victim.write_bytes(bytes(data))
     return victim
 
 
+@pytest.mark.parametrize("damage", ["truncated", "flipped-bit"])
 @pytest.mark.parametrize("stack", STACKS)
-def test_corrupted_latest_checkpoint_is_refused_by_name_and_resume_falls_back(stack, tmp_path, data_dir, reference):
+def test_corrupted_latest_checkpoint_is_refused_by_name_and_resume_falls_back(stack, damage, tmp_path, data_dir,
+                                                                              reference, capsys):
     # A finished run whose latest checkpoint (step 8) is damaged; the epoch-end one (step 6) is fine.
     ref_harness = reference(stack)[0]
     harness = Harness(stack, tmp_path, data_dir)
@@ -478,12 +499,35 @@ def test_corrupted_latest_checkpoint_is_refused_by_name_and_resume_falls_back(st
     steps = sorted(set(harness.complete_steps()))
     assert steps == [STEPS_PER_EPOCH, MAX_STEPS], steps
     latest = max((i for i in harness.backend().list_checkpoints(harness.run_dir) if i.complete), key=lambda i: i.step)
-    _corrupt(Path(latest.path))
+    victim = _corrupt(Path(latest.path), damage)
+    assert tool.main(["verify", str(harness.run_dir)]) == 1
+    assert victim.name in capsys.readouterr().out, f"{stack}: verify does not name the damaged file"
     resumed = harness.attempt(resume=True)
     assert resumed.returncode == 0, resumed.output[-3000:]
-    assert Path(latest.path).name in resumed.output, f"{stack}: the refused checkpoint is not named:\n{resumed.output[-3000:]}"
+    assert victim.name in resumed.output, f"{stack}: the damaged file is not named:\n{resumed.output[-3000:]}"
     assert resumed.first_batch == divmod(steps[-2], STEPS_PER_EPOCH), "did not resume from the previous checkpoint"
     _check_matches_reference(harness, reference)
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_killed_while_publishing_an_epoch_checkpoint_its_scalars_are_on_disk_and_resume_writes_each_step_once(
+        stack, tmp_path, data_dir):
+    harness = Harness(stack, tmp_path, data_dir)
+    # The epoch-end checkpoint (step 6, the third save after steps 2 and 4) is killed held before its commit rename.
+    killed = harness.attempt(resume=False, kill=Kill("save", 3), SWIN_TEST_COMMIT_DELAY=str(COMMIT_DELAY_S))
+    assert killed.killed_at is not None and harness.complete_steps() == [4], harness.complete_steps()
+    scalars = stacks.scalars(harness.run_dir)
+    # All but the checkpoint and wall times, which include the save and so follow it.
+    for tag in set(tags.PER_EPOCH) - {tags.EPOCH_CHECKPOINT_TIME, tags.EPOCH_WALL_TIME}:
+        assert [epoch for epoch, _ in scalars[tag]] == [1], f"{stack}: {tag} of epoch 1 is not on disk"
+
+    resumed = harness.attempt(resume=True)  # from step 4: epoch 1's tags on disk are stale, and purged
+    assert resumed.returncode == 0, resumed.output[-3000:]
+    scalars = stacks.scalars(harness.run_dir)  # read in order, as TensorBoard does: purges applied
+    for tag in tags.PER_STEP:
+        assert [step for step, _ in scalars[tag]] == list(range(1, MAX_STEPS + 1)), (stack, tag)
+    for tag in tags.PER_EPOCH:
+        assert [epoch for epoch, _ in scalars[tag]] == [1, 2], (stack, tag)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -597,7 +641,8 @@ def test_fifty_lightning_saves_keep_best_and_latest_and_trash_only_empty_files(t
     best = max((s for s, a in accuracies.items() if a is not None), key=lambda s: accuracies[s])
     infos = checkpointing.list_checkpoints(run_dir)
     assert [(i.role, i.step) for i in infos] == [("best", best), ("last", 50)] and all(i.complete for i in infos)
-    assert len(list(checkpointing.checkpoint_dir(run_dir).iterdir())) == 2
+    on_disk = sorted(p.name for p in checkpointing.checkpoint_dir(run_dir).iterdir())
+    assert on_disk == sorted(name for i in infos for name in (i.path.name, i.path.name + ".sha256"))  # and sidecars
     assert checkpointing.leftovers(run_dir) == []
     trashed = trash.files()
     assert len(trashed) >= len(saves) - 2, "deleted checkpoints never reached the trash: deletion bypassed the drive?"

@@ -1,4 +1,5 @@
-"""Lightning stack checkpoints: retention, trash-safe deletion, exact mid-epoch resume, NaN and disk-full stops."""
+"""Lightning stack checkpoints: retention, trash-safe deletion, exact mid-epoch resume, NaN and disk-full stops,
+checksums, damaged and unreadable checkpoints on resume."""
 
 from __future__ import annotations
 
@@ -16,9 +17,10 @@ from lightning_swin import checkpointing
 from lightning_swin.checkpointing import leftovers, list_checkpoints, resume_point, verify_checkpoint
 from lightning_swin.configs import default
 from lightning_swin.train import train_and_evaluate
+from scripts import checkpoints as tool
 from scripts.train_lightning import main
-from shared_data import errors, run_config, trash_safe
-from shared_data.errors import CheckpointError
+from shared_data import checksums, errors, run_config, trash_safe
+from shared_data.errors import CheckpointDamagedError, CheckpointError
 
 # The nano model at 64 px on the session's tiny synthetic set: 200 train images, so 6 steps of 32 per epoch.
 FAST = ["--dataset", "synthetic", "--synthetic-size", "tiny", "--model", "swinv2_nano_window4_64", "--img-size", "64",
@@ -117,7 +119,7 @@ def test_deleted_checkpoints_and_leftovers_leave_only_empty_files_in_the_trash(t
     assert len(trashed) >= 5  # five superseded checkpoints and the partial save
     assert [p.name for p in trashed if p.stat().st_size] == []
     assert any(p.name.endswith(partial.name) for p in trashed)
-    assert names(run_dir) == ["last-epoch=001-step=000006.ckpt"]
+    assert names(run_dir) == ["last-epoch=001-step=000006.ckpt", "last-epoch=001-step=000006.ckpt.sha256"]
     assert not [p for p in run_dir.rglob("*") if p.is_dir() and p.name != "checkpoints"]
 
 
@@ -212,3 +214,138 @@ def test_disk_full_during_a_save_stops_with_one_line_and_keeps_the_previous(tmp_
     infos = list_checkpoints(tmp_path / "lightning" / "run")
     assert [i.step for i in infos] == [2] and all(i.complete for i in infos)
     verify_checkpoint(infos[0].path)
+
+
+# ------------------------------------------------------------------------------------------------
+# Checksums: what a resume does with a damaged, unreadable or older checkpoint.
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, synthetic_data_dir) -> Path:
+    """One epoch (6 steps) saved every 2 steps, keeping 3: best and last of step 6, and step 4's step save."""
+    logdir = tmp_path_factory.mktemp("finished")
+    torch.set_num_threads(1)
+    run_training(logdir, synthetic_data_dir, "--epochs", "1", "--checkpoint-every-steps", "2", "--keep-checkpoints", "3")
+    return logdir / "lightning" / "run"
+
+
+def _copy(run_dir: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "lightning" / "run"
+    shutil.copytree(run_dir, copy)
+    return copy
+
+
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01  # the middle of the file: inside the largest tensors' bytes
+    path.write_bytes(bytes(data))
+
+
+def _complete(run_dir: Path) -> list[Path]:
+    return [info.path for info in list_checkpoints(run_dir) if info.complete]
+
+
+def test_each_checkpoint_has_a_checksum_sidecar_written_with_it(finished_run):
+    for path in _complete(finished_run):
+        assert checksums.sidecar(path).read_text() == f"{checksums.digest_file(path)}  {path.name}\n"
+    assert leftovers(finished_run) == []
+
+
+def test_a_flipped_byte_inside_a_tensor_is_found_by_verify_and_skipped_by_resume(finished_run, tmp_path):
+    run_dir = _copy(finished_run, tmp_path)
+    newest = _complete(run_dir)[-1]
+    _flip_a_byte(newest)
+    torch.load(newest, map_location="cpu", weights_only=False)  # still loads: only the checksum tells
+    with pytest.raises(CheckpointDamagedError, match=f"{newest.name} is damaged: it differs from what was saved"):
+        verify_checkpoint(newest)
+    with pytest.warns(UserWarning, match=f"skipping damaged checkpoint: .*{newest.name}"):
+        chosen, damaged = resume_point(run_dir)
+    assert damaged == [newest] and chosen == _complete(run_dir)[-2]
+
+
+def test_a_damaged_checkpoint_skipped_on_resume_is_gone_once_the_run_succeeds(finished_run, tmp_path,
+                                                                              synthetic_data_dir):
+    run_dir = _copy(finished_run, tmp_path)
+    newest = _complete(run_dir)[-1]
+    _flip_a_byte(newest)
+    with pytest.warns(UserWarning, match=f"skipping damaged checkpoint: .*{newest.name}"):
+        run_training(tmp_path, synthetic_data_dir, "--epochs", "2", "--checkpoint-every-steps", "2",
+                     "--keep-checkpoints", "3", "--resume")
+    assert not newest.exists() and not checksums.sidecar(newest).exists()
+    assert len(_complete(run_dir)) == 3 and leftovers(run_dir) == []
+    assert tool.main(["verify", str(run_dir)]) == 0
+
+
+def test_a_checkpoint_saved_before_checksums_existed_still_loads(finished_run, tmp_path):
+    run_dir = _copy(finished_run, tmp_path)
+    for path in _complete(run_dir):
+        checksums.sidecar(path).unlink()
+    newest = _complete(run_dir)[-1]
+    assert verify_checkpoint(newest)["global_step"] == 6
+    assert resume_point(run_dir) == (newest, [])
+
+
+def _failing_reads(monkeypatch, failures: int) -> None:
+    """The first `failures` file reads of checksums.digest_file fail with EIO, as a flaky disk's do."""
+    calls = iter(range(10**9))
+    real = checksums.digest_file
+
+    def flaky(path):
+        if next(calls) < failures:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
+        return real(path)
+
+    monkeypatch.setattr(checksums, "digest_file", flaky)
+    monkeypatch.setattr(checksums, "RETRY_DELAY_S", 0.0)
+
+
+def test_a_transient_read_error_is_retried_and_the_newest_checkpoint_used(finished_run, tmp_path, monkeypatch):
+    run_dir = _copy(finished_run, tmp_path)
+    _failing_reads(monkeypatch, failures=checksums.READ_ATTEMPTS - 1)
+    assert resume_point(run_dir) == (_complete(run_dir)[-1], [])
+
+
+def test_a_read_error_that_persists_stops_the_resume_in_one_line_and_skips_nothing(finished_run, tmp_path,
+                                                                                   monkeypatch):
+    run_dir = _copy(finished_run, tmp_path)
+    before = names(run_dir)
+    _failing_reads(monkeypatch, failures=10**6)
+    with pytest.raises(CheckpointError) as raised:
+        resume_point(run_dir)
+    message = str(raised.value)
+    assert not isinstance(raised.value, CheckpointDamagedError) and "\n" not in message
+    assert f"{_complete(run_dir)[-1].name} could not be read after 3 attempts" in message
+    assert names(run_dir) == before
+
+
+def test_when_every_checkpoint_is_damaged_resume_stops_and_deletes_none(finished_run, tmp_path, synthetic_data_dir,
+                                                                        capsys):
+    run_dir = _copy(finished_run, tmp_path)
+    for path in _complete(run_dir):
+        _flip_a_byte(path)
+    before = names(run_dir)
+    with pytest.raises(SystemExit) as exit_info, pytest.warns(UserWarning, match="skipping damaged checkpoint"):
+        main(argv(tmp_path, synthetic_data_dir, "--epochs", "2", "--checkpoint-every-steps", "2",
+                  "--keep-checkpoints", "3", "--resume"))
+    assert exit_info.value.code == 1
+    assert "every checkpoint in" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert names(run_dir) == before
+
+
+class ChangeTheHead(pl.Callback):
+    """Stands in for a code change: before the checkpoint is restored, the model gets a head of another shape."""
+
+    def setup(self, trainer, pl_module, stage):
+        pl_module.model.head = torch.nn.Linear(pl_module.model.head.in_features, 7)
+
+
+def test_a_checkpoint_that_does_not_fit_the_model_stops_the_resume_naming_the_keys(finished_run, tmp_path,
+                                                                                     synthetic_data_dir):
+    run_dir = _copy(finished_run, tmp_path)
+    before = names(run_dir)
+    with pytest.raises(CheckpointError, match=r"does not fit the model being trained: model\.head\.bias has shape "
+                                              r"\(10,\) in the checkpoint, \(7,\) now, model\.head\.weight has shape"):
+        run_training(tmp_path, synthetic_data_dir, "--epochs", "2", "--keep-checkpoints", "3", "--resume",
+                     callbacks=[ChangeTheHead()])
+    assert names(run_dir) == before
+

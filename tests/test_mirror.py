@@ -56,7 +56,7 @@ def _run(stack: str, *flags: str, tmp_path: Path, data_dir: Path | None = None) 
 
 @pytest.mark.parametrize("flags, named", [
     (["--batch-size", "0"], "--batch-size"),
-    (["--init-from", "no-such-file.pth"], "--init-from"),
+    (["--pretrained", "no-such-file.pth"], "--pretrained"),
     (["--step-timing", "sometimes"], "--step-timing"),
 ])
 def test_a_bad_flag_exits_2_naming_it_in_both_stacks(tmp_path, flags, named):
@@ -71,7 +71,7 @@ def test_a_mistake_found_while_training_exits_2_with_one_line_in_both_stacks(tmp
     weights = tmp_path / "not-weights.pth"
     weights.write_bytes(b"this is not a weights file")
     for stack in SCRIPTS:
-        for flags, named in ((["--batch-size", "512"], "--batch-size 512"), (["--init-from", str(weights)], "--init-from")):
+        for flags, named in ((["--batch-size", "512"], "--batch-size 512"), (["--pretrained", str(weights)], "--pretrained")):
             result = _run(stack, *flags, "--run-name", f"r{len(flags[1])}", tmp_path=tmp_path / stack,
                           data_dir=synthetic_data_dir)
             assert result.returncode == 2, (stack, flags, result.stderr[-2000:])

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -16,33 +14,13 @@ from flax_swin.model import create_model as create_flax_model
 from flax_swin.weights import from_canonical, load_pretrained, to_canonical
 from lightning_swin.model import create_model as create_torch_model
 from scripts import convert_weights
+from tests.weights_fixtures import randomise
 
 LOGITS_RTOL = 1e-5
 GRADIENT_RTOL = 1e-4
 # Nano has shifted stages and two clipped ones (4x4 and 2x2 tokens under a window of 4); ape and pretrained
 # windows bring in every parameter kind for the gradient check.
 NANO_OVERRIDES = dict(ape=True, pretrained_window_sizes=(6, 6, 4, 2), drop_path_rate=0.0)
-
-
-def _randomise(model: torch.nn.Module, seed: int, probe_clamp: bool = True) -> None:
-    """Move every parameter off its init (post-norms start at zero, biases at zero) so nothing matches by luck.
-
-    With probe_clamp, one head per block sits above the log(100) temperature clamp, which both stacks must apply;
-    its near one-hot softmax makes float32 gradients ill-conditioned, so the gradient test leaves it out.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            if name.endswith("logit_scale"):
-                param.copy_(math.log(10.0) + 0.1 * noise)
-                if probe_clamp:
-                    param.view(-1)[0] = 5.0
-            elif param.ndim > 1 or "bias" in name:
-                # Small biases: a large shared q/k bias makes every cosine alike and the gradients cancel.
-                param.copy_(0.02 * noise)
-            else:
-                param.copy_(1.0 + 0.2 * noise)
 
 
 def _torch_logits(model: torch.nn.Module, images: np.ndarray) -> np.ndarray:
@@ -58,10 +36,12 @@ def _relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
 
 
 def _pair(name: str, num_classes: int = 10, seed: int = 0, probe_clamp: bool = True, **overrides):
-    """(torch model, flax model) in eval mode holding the same random weights."""
+    """(torch model, flax model) in eval mode holding the same random weights; probe_clamp puts one head per block
+    above the temperature clamp (see randomise), which the gradient test leaves out: its near one-hot softmax makes
+    float32 gradients ill-conditioned."""
     torch.manual_seed(seed)
     torch_model = create_torch_model(name, num_classes, **overrides).eval()
-    _randomise(torch_model, seed, probe_clamp)
+    randomise(torch_model, seed, probe_clamp=probe_clamp)
     flax_model = create_flax_model(name, num_classes, nnx.Rngs(params=seed + 1, dropout=seed + 2), **overrides)
     flax_model.eval()
     from_canonical(flax_model, {key: value.numpy() for key, value in torch_model.state_dict().items()})
@@ -166,7 +146,7 @@ def test_torch_to_flax_to_torch_round_trip_is_exact(tiny_pair):
 
 def test_convert_weights_cli_round_trips_a_pth_exactly(tmp_path):
     torch_model = create_torch_model("swinv2_nano_window4_64", 10)
-    _randomise(torch_model, 7)
+    randomise(torch_model, 7, probe_clamp=True)
     original = {key: value.clone() for key, value in torch_model.state_dict().items()}
     torch.save({"model": original}, tmp_path / "official.pth")
 
@@ -174,7 +154,7 @@ def test_convert_weights_cli_round_trips_a_pth_exactly(tmp_path):
     assert convert_weights.main(to_flax) == 0
     # No --model: the Flax file records its variant and head size.
     assert convert_weights.main([str(tmp_path / "flax.safetensors"), str(tmp_path / "back.pth")]) == 0
-    back = torch.load(tmp_path / "back.pth", weights_only=True)
+    back = torch.load(tmp_path / "back.pth", weights_only=True)["model"]  # the official release layout
     assert set(back) == set(original)
     for key, value in original.items():
         assert torch.equal(back[key], value), key

@@ -84,7 +84,9 @@ def test_run_dir_saves_config_and_resume_refuses_a_changed_experiment(tmp_path):
     assert run_config.prepare_run_dir(same, {"dataset": "synthetic"}) == run_dir
 
 
-def test_resume_of_a_missing_run_names_the_flag(tmp_path):
+def test_resume_of_a_missing_run_starts_it_as_a_relaunching_scheduler_needs(tmp_path):
     config = _resolve(["--logdir", str(tmp_path), "--run-name", "nothing", "--resume"])
-    with pytest.raises(run_config.ConfigError, match="--resume"):
-        run_config.prepare_run_dir(config)
+    run_dir = run_config.prepare_run_dir(config)
+    assert (run_dir / "config.json").is_file() and not (run_dir / "config.resume.json").exists()
+    run_config.prepare_run_dir(config)  # relaunched again: now a resume of that run
+    assert (run_dir / "config.resume.json").is_file()

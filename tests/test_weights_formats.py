@@ -187,7 +187,7 @@ def test_unreadable_files_give_a_one_line_error_naming_the_file(tmp_path, conten
     with pytest.raises(WeightsFormatError) as error:
         read_weights(path)
     message = str(error.value)
-    assert str(path) in message and "\n" not in message
+    assert str(path) in message and "\n" not in message and "\x1b" not in message
 
 
 def test_dict_without_tensors_is_an_unknown_format(tmp_path):
@@ -230,3 +230,109 @@ def test_gradients_match_a_small_torchvision_swin_v2():
     for name, grad in got.items():
         scale = max(np.abs(expected[name]).max(), 1e-8)
         assert np.abs(grad - expected[name]).max() / scale <= 1e-4, name
+
+
+class TrainingConfig(dict):
+    """A stand-in for the official script's yacs CfgNode: a dict subclass with attributes of its own."""
+
+    def __init__(self, **entries):
+        super().__init__(**entries)
+        self.__dict__["__immutable__"] = True
+        self.__dict__["__deprecated_keys__"] = {"OLD_KEY"}
+
+
+class Namespace:
+    """A plain object, as argparse or a custom script would keep its options."""
+
+    def __init__(self):
+        self.lr = 5e-4
+        self.data = ["imagenet", 256]
+
+
+def test_official_training_checkpoint_with_a_config_object_loads_into_both_models(tmp_path):
+    from flax import nnx
+
+    from flax_swin.model import SwinTransformerV2 as FlaxSwin
+    from flax_swin.weights import load_pretrained as load_into_flax
+    from flax_swin.weights import to_canonical
+
+    source = randomised(small_model())
+    optimizer = torch.optim.AdamW(source.parameters())
+    source(IMAGES).sum().backward()
+    optimizer.step()
+    path = tmp_path / "ckpt_epoch_29.pth"
+    # What the official main.py saves every epoch.
+    torch.save({"model": source.state_dict(), "optimizer": optimizer.state_dict(),
+                "lr_scheduler": {"t_in_epochs": False}, "max_accuracy": np.float64(81.2), "scaler": {"scale": 65536.0},
+                "epoch": 29,
+                "config": TrainingConfig(MODEL=TrainingConfig(TYPE="swinv2"), TRAIN={"EPOCHS": 30}),
+                "args": Namespace()}, path)
+    target = small_model()
+    assert load_pretrained(target, path).fmt == "official"
+    assert_same_state(source, target)
+
+    flax_model = nnx.eval_shape(lambda: FlaxSwin(
+        img_size=32, embed_dim=16, depths=(2, 2, 2), num_heads=(1, 2, 4), window_size=4,
+        pretrained_window_sizes=(0, 0, 0), num_classes=5, rngs=nnx.Rngs(0)))
+    assert load_into_flax(flax_model, path).fmt == "official"
+    for name, value in to_canonical(flax_model).items():
+        np.testing.assert_array_equal(value, source.state_dict()[name].numpy(), err_msg=name)
+
+
+class RunsCode:
+    """Unpickling this runs `code` (what a malicious checkpoint does); `via` is the global it calls."""
+
+    def __init__(self, via, code):
+        self.via, self.code = via, code
+
+    def __reduce__(self):
+        return self.via, (self.code,)
+
+
+@pytest.mark.parametrize("via", ["os.system", "builtins.exec"])
+def test_a_file_that_would_run_code_is_refused_in_one_line_naming_the_call(tmp_path, via):
+    import builtins
+    import os
+
+    marker = tmp_path / "ran"
+    call = {"os.system": (os.system, f"touch {marker}"),
+            "builtins.exec": (builtins.exec, f"open({str(marker)!r}, 'w')")}
+    path = tmp_path / "innocent.pth"
+    torch.save({"model": small_model().state_dict(), "config": RunsCode(*call[via])}, path)
+    with pytest.raises(WeightsFormatError) as error:
+        read_weights(path)
+    message = str(error.value)
+    assert not marker.exists()
+    assert message.startswith(f"{path}: refused: loading it would call ") and "\n" not in message
+    assert "\x1b" not in message and ("system" in message if via == "os.system" else "builtins.exec" in message)
+
+
+def test_our_lightning_checkpoint_with_numpy_rng_states_loads(tmp_path):
+    import random
+
+    source = randomised(small_model())
+    path = tmp_path / "last-epoch=001-step=000006.ckpt"
+    # What lightning_swin/module.py adds to every checkpoint besides the weights.
+    torch.save({"state_dict": {f"model.{k}": v for k, v in source.state_dict().items()}, "epoch": 1, "global_step": 6,
+                "rng_states": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                               "python": random.getstate()}}, path)
+    target = small_model()
+    assert load_pretrained(target, path).fmt == "lightning"
+    assert_same_state(source, target)
+
+
+def test_a_lightning_run_folder_reads_its_best_or_latest_checkpoint(tmp_path):
+    run = tmp_path / "runs" / "lightning" / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    best, latest = randomised(small_model(), seed=1), randomised(small_model(), seed=2)
+    for model, name in ((best, "best-epoch=001-step=000006-val_accuracy=0.6000.ckpt"),
+                        (latest, "last-epoch=002-step=000012.ckpt"),
+                        (latest, "best-epoch=002-step=000012-val_accuracy=0.4000.ckpt")):
+        torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, run / "checkpoints" / name)
+    for checkpoint, expected, step in (("best", best, 6), ("latest", latest, 12)):
+        target = small_model()
+        report = load_pretrained(target, run, checkpoint)
+        assert f"step={step:06d}" in report.source and report.fmt == "lightning"
+        assert_same_state(expected, target)
+    with pytest.raises(WeightsFormatError, match="unknown checkpoint 'worst'"):
+        read_weights(run, "worst")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
 from typing import Any
 
 from shared_data import run_config
@@ -75,10 +74,4 @@ def _check(config: dict[str, Any]) -> None:
         raise ConfigError(f"--batch-size {config['batch_size']} must divide evenly over {world} processes "
                           "(--devices x --num-nodes)")
     if is_main_process():
-        config_path = Path(config["run_dir"]) / "config.json"
-        if config["resume"] and not config_path.is_file():
-            raise ConfigError(f"--resume: no run to continue at {config['run_dir']} (no config.json); "
-                              "check --run-name and --logdir")
-        if not config["resume"] and config_path.exists():
-            raise ConfigError(f"--run-name: {config['run_dir']} already exists; pass --resume to continue it "
-                              "or pick another name")
+        run_config.refuse_existing_run(config)  # early, before any data is read (prepare_run_dir checks it again)
