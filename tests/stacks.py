@@ -41,3 +41,27 @@ def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 def summary(run_dir: Path) -> dict[str, Any]:
     return json.loads((Path(run_dir) / "summary.json").read_text())
+
+
+class Interrupt(Exception):
+    """Stands in for a killed process."""
+
+
+def interrupt_after(stack: str, step: int, exception: type[BaseException] = Interrupt) -> Any:
+    """What stops `stack` once `step` steps are done (their checkpoints saved), as a kill would: a Flax hook or a
+    Lightning callback raising `exception` before step + 1."""
+    if stack == "flax":
+        def hook(steps_done, state):
+            if steps_done == step:
+                raise exception(f"after step {step}")
+            return state
+        return hook
+
+    import pytorch_lightning as pl
+
+    class InterruptAfter(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == step:
+                raise exception(f"after step {step}")
+
+    return InterruptAfter()

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import pytorch_lightning as pl
 import torch
 
 from shared_data import tags
@@ -16,31 +15,6 @@ from tests import stacks
 
 STEPS_PER_EPOCH = 6  # the tiny set's 200 images at the smoke preset's batch of 32
 SAME_TRAINING_BOUND = 1e-3  # largest |loss difference| allowed between the stacks from the same start
-
-
-class Interrupt(Exception):
-    """Stands in for a killed process."""
-
-
-def flax_interrupt_after(step: int):
-    def hook(steps_done, state):
-        if steps_done == step:
-            raise Interrupt(f"after step {step}")
-        return state
-    return hook
-
-
-class LightningInterruptAfter(pl.Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.step:
-            raise Interrupt(f"after step {self.step}")
-
-
-def interrupt_after(stack: str, step: int):
-    return flax_interrupt_after(step) if stack == "flax" else LightningInterruptAfter(step)
 
 
 @pytest.fixture(scope="module")
@@ -114,8 +88,8 @@ def split_runs(tmp_path_factory, synthetic_data_dir, compilation_cache) -> Path:
     logdir = tmp_path_factory.mktemp("split")
     flags = ["--epochs", "2", "--checkpoint-every-steps", "4"]
     for stack in stacks.STACKS:
-        with pytest.raises(Interrupt):
-            stacks.train(stack, logdir, synthetic_data_dir, *flags, extras=[interrupt_after(stack, 9)])
+        with pytest.raises(stacks.Interrupt):
+            stacks.train(stack, logdir, synthetic_data_dir, *flags, extras=[stacks.interrupt_after(stack, 9)])
         stacks.train(stack, logdir, synthetic_data_dir, *flags, "--resume")
     return logdir
 

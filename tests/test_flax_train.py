@@ -18,6 +18,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from flax_swin import checkpointing, train
 from flax_swin.configs import default
 from shared_data import tags, trash_safe
+from tests import stacks
 from shared_data.errors import NonFiniteLossError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,15 +34,6 @@ def _train(run_dir: Path, data_dir: Path, preset: str = "smoke", hooks=(), **ove
     config.update(dict(data_dir=str(data_dir), logdir=str(run_dir.parent.parent), run_name=run_dir.name, num_workers=1,
                        **overrides))
     return train.train_and_evaluate(config, run_dir, hooks=hooks)
-
-
-def interrupt_after(step: int):
-    """A hook that stops the run once `step` steps are done (their checkpoints saved), as a kill would."""
-    def hook(steps_done, state):
-        if steps_done == step:
-            raise KeyboardInterrupt(f"interrupted after step {step}")
-        return state
-    return hook
 
 
 def nan_weights_at(step: int):
@@ -166,7 +158,7 @@ def test_stack_imports_and_trains_with_tensorflow_unimportable(reference_run):
 def test_resume_mid_epoch_gives_bit_identical_parameters(reference_run, tmp_path, synthetic_data_dir):
     run_dir = tmp_path / "runs" / "flax" / "resumed"
     with pytest.raises(KeyboardInterrupt):  # after step 9; the last save was step 8, mid-epoch 2
-        _train(run_dir, synthetic_data_dir, hooks=[interrupt_after(9)], **TINY)
+        _train(run_dir, synthetic_data_dir, hooks=[stacks.interrupt_after("flax", 9, KeyboardInterrupt)], **TINY)
     assert [i.step for i in checkpointing.list_checkpoints(run_dir)] == [6, 8]
     summary = _train(run_dir, synthetic_data_dir, resume=True, **TINY)
     assert summary["steps"] == 10

@@ -10,7 +10,6 @@ from tensorboardX import SummaryWriter
 
 from shared_data import event_files, run_config, tags
 from tests import stacks
-from tests.test_clock import Interrupt, interrupt_after
 from tests.test_lightning_checkpoints import one_thread  # noqa: F401  (autouse: one torch thread per test)
 
 STEPS_PER_EPOCH = 6  # the tiny set's 200 images at the smoke preset's batch of 32
@@ -31,8 +30,8 @@ def assert_each_step_once(run_dir: Path, last_step: int, epochs: int) -> dict[st
 def test_a_run_killed_after_a_checkpoint_and_resumed_writes_every_step_once(tmp_path, synthetic_data_dir,
                                                                             compilation_cache, stack):
     flags = ["--epochs", "2", "--checkpoint-every-steps", "4"]
-    with pytest.raises(Interrupt):  # step 9 is written, then the run stops; it resumes from the step-8 checkpoint
-        stacks.train(stack, tmp_path, synthetic_data_dir, *flags, extras=[interrupt_after(stack, 10)])
+    with pytest.raises(stacks.Interrupt):  # step 9 is written, then the run stops; it resumes from the step-8 checkpoint
+        stacks.train(stack, tmp_path, synthetic_data_dir, *flags, extras=[stacks.interrupt_after(stack, 10)])
     run_dir = tmp_path / stack / "run"
     assert 9 in dict(stacks.scalars(run_dir)[tags.TRAIN_LOSS])
     stacks.train(stack, tmp_path, synthetic_data_dir, *flags, "--resume")
@@ -77,8 +76,8 @@ def test_resume_without_a_run_folder_starts_from_step_0_with_a_warning(tmp_path,
 @pytest.mark.parametrize("stack", stacks.STACKS)
 def test_resume_of_a_run_killed_before_its_first_checkpoint_and_config_starts_from_step_0(tmp_path, synthetic_data_dir,
                                                                                           compilation_cache, stack):
-    with pytest.raises(Interrupt):
-        stacks.train(stack, tmp_path, synthetic_data_dir, "--max-steps", "4", extras=[interrupt_after(stack, 3)])
+    with pytest.raises(stacks.Interrupt):
+        stacks.train(stack, tmp_path, synthetic_data_dir, "--max-steps", "4", extras=[stacks.interrupt_after(stack, 3)])
     run_dir = tmp_path / stack / "run"
     (run_dir / "config.json").unlink()  # as if killed before writing it
     with pytest.warns(UserWarning, match=NO_CHECKPOINT):
