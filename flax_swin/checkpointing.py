@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from flax_swin import distributed
 from shared_data import checksums
 from shared_data.errors import CheckpointDamagedError, CheckpointError, CheckpointSaveError
 from shared_data.retention import CheckpointInfo, kept_steps
@@ -116,7 +118,7 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
     if ORBAX_TMP_MARKER in path.name or not _is_complete(path):
         raise CheckpointDamagedError(f"{path}: incomplete save (interrupted while writing); delete it")
     try:
-        restored = checksums.read_with_retries(functools.partial(_read_state, path))
+        restored = checksums.read_with_retries(functools.partial(read_state, path))
     except CheckpointError:
         raise
     except Exception as error:  # orbax and tensorstore raise many types
@@ -126,12 +128,21 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
     return _read_meta(path) or {}
 
 
-def _read_state(path: Path) -> Any:
-    """The state item of a step folder, read whole after its checksums (if it has them) are found to match."""
+def read_state(path: str | Path) -> Any:
+    """The state item of a step folder (step, params, opt_state) as host numpy arrays, read whole after its checksums
+    (if it has them) are found to match; raises CheckpointDamagedError for a file that differs from its sum, and
+    Orbax's or TensorStore's own errors for an unreadable one."""
+    path = Path(path).absolute()  # Orbax takes a relative path for one below its own working folder
     checksums.check_sums(path / checksums.FOLDER_SUMS, path)
-    with ocp.StandardCheckpointer() as checkpointer:
-        restored = checkpointer.restore(path / STATE_ITEM)
-    return jax.block_until_ready(restored)
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+        tree = handler.metadata(path / STATE_ITEM).tree
+        # As host arrays: the saved shardings name the devices of the processes that saved it (every machine of a
+        # run on several), which this process may not have.
+        as_numpy = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        return handler.restore(path / STATE_ITEM, args=ocp.args.PyTreeRestore(item=tree, restore_args=as_numpy))
+    finally:
+        handler.close()
 
 
 def _first_line(error: BaseException) -> str:
@@ -231,6 +242,7 @@ class Checkpointer:
         if jax.process_index() == 0:
             remove_leftovers(run_dir)
             self.directory.mkdir(parents=True, exist_ok=True)
+        distributed.sync("checkpoint leftovers removed")  # before any process's manager lists the folder
         self._pending: int | None = None  # the step of the save in flight
         self._failed = False  # a save failed and was reported: Orbax raising it again at close() is not news
         options = ocp.CheckpointManagerOptions(
@@ -337,15 +349,18 @@ class Checkpointer:
             try:
                 restored = checksums.read_with_retries(functools.partial(self._restore, step, abstract_state))
             except CheckpointDamagedError as error:
-                print(f"warning: skipping damaged checkpoint: {error}", flush=True)
+                if jax.process_index() == 0:
+                    print(f"warning: skipping damaged checkpoint: {error}", flush=True)
                 damaged.append(path)
                 continue
             except CheckpointError:
                 raise
             except Exception as error:  # orbax and tensorstore raise many types
                 raise checksums.unreadable(path, error) from None
-            for damaged_path in damaged:
-                remove_step_dir(damaged_path)
+            if jax.process_index() == 0:
+                for damaged_path in damaged:
+                    remove_step_dir(damaged_path)
+            distributed.sync("damaged checkpoints removed")  # before any process's manager lists the folder again
             self._manager.reload()
             return restored
         if damaged:
@@ -395,3 +410,6 @@ def _collect_unawaited(error: BaseException) -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
         gc.collect()
+    # Orbax's own threads may still hold one of that write's coroutines, collected later (at exit, seen in about one
+    # run in four): its warning names the aborted TensorStore write, and only that warning is dropped, for good.
+    warnings.filterwarnings("ignore", message="coroutine '.*write_fragment' was never awaited", category=RuntimeWarning)

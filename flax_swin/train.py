@@ -22,7 +22,7 @@ from clu import parameter_overview
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from flax_swin import checkpointing, input_pipeline
+from flax_swin import checkpointing, distributed, input_pipeline
 from flax_swin.configs import default as default_config
 from flax_swin.model import create_model, decay_mask
 from flax_swin.weights import load_pretrained
@@ -67,6 +67,25 @@ def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
     """A one-axis mesh over every device of every process: the batch is split along it, params replicated."""
     devices = jax.devices() if devices is None else devices
     return Mesh(np.asarray(devices), (BATCH_AXIS,))
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """A pytree of arrays equal in every process -> the same tree replicated over every device of the mesh.
+
+    With several processes, jax.device_put refuses arrays already placed on this process's device (the model's,
+    built under jit) and checks host arrays with one collective per leaf; each process supplies its own copy instead.
+    """
+    sharding = NamedSharding(mesh, PartitionSpec())
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+    return jax.tree_util.tree_map(functools.partial(_replicated_leaf, sharding=sharding), tree)
+
+
+def _replicated_leaf(leaf: Any, sharding: NamedSharding) -> jax.Array:
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):  # typed keys (dropout streams) travel as their data
+        data = _replicated_leaf(jax.random.key_data(leaf), sharding)
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(leaf))
+    return jax.make_array_from_process_local_data(sharding, np.asarray(leaf))
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
@@ -120,8 +139,7 @@ def create_model_and_state(config: ml_collections.ConfigDict, num_classes: int, 
     params, rest = params.to_pure_dict(), rest.to_pure_dict()
     optimizer = make_optimizer(config, params, steps_per_epoch)
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
-    replicated = NamedSharding(mesh, PartitionSpec())
-    return graphdef, jax.device_put(state, replicated), jax.device_put(rest, replicated), optimizer
+    return graphdef, replicate(state, mesh), replicate(rest, mesh), optimizer
 
 
 def soft_target_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -152,8 +170,9 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
 
         (loss, logits), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
         grads = grads.to_pure_dict()
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        with jax.named_scope("optimizer"):  # names the update's operations in profiles (shared_data.op_profile)
+            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         batch_metrics = TrainMetrics.single_from_model_output(loss=loss, logits=logits, labels=labels)
         return new_state, metrics.merge(batch_metrics), batch_metrics.compute()
@@ -201,7 +220,7 @@ def evaluate(eval_step: Callable, params: Any, rest: Any, data: Any, config: ml_
     loader = input_pipeline.val_batches(data.val, batch_size=config.batch_size, img_size=config.img_size,
                                         num_workers=config.num_workers)
     sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXIS))
-    metrics = jax.device_put(EvalMetrics.empty(), NamedSharding(mesh, PartitionSpec()))
+    metrics = replicate(EvalMetrics.empty(), mesh)
     for local in loader:
         metrics = eval_step(params, rest, metrics, *input_pipeline.to_global(local, sharding))
     values = {name: float(value) for name, value in jax.device_get(metrics.compute()).items()}
@@ -267,12 +286,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
     # ---- state
     graphdef, state, rest, optimizer = create_model_and_state(config, data.num_classes, mesh, steps_per_epoch)
+    record = run_report.run_record(
+        data, dataset_requested=config.dataset, device=device_description(),
+        num_params=parameter_overview.count_parameters(state.params),
+        compile=False,  # "compile" names torch.compile on the Lightning side; XLA always compiles jitted steps
+        steps_per_epoch=steps_per_epoch, num_devices=mesh.size, num_processes=jax.process_count())
+    # Every process checks the run folder, and all have before process 0 writes it: a process stopping alone on a
+    # ConfigError would leave the others waiting for it in their first collective.
+    run_config.check_run_dir(config.to_dict(), record)
+    distributed.sync("run folder checked")
     if is_main:
-        record = run_report.run_record(
-            data, dataset_requested=config.dataset, device=device_description(),
-            num_params=parameter_overview.count_parameters(state.params),
-            compile=False,  # "compile" names torch.compile on the Lightning side; XLA always compiles jitted steps
-            steps_per_epoch=steps_per_epoch, num_devices=mesh.size, num_processes=jax.process_count())
         run_config.prepare_run_dir(config.to_dict(), record)
         atomic_write_json(run_dir / "data_report.json", data.report())
         overview = parameter_overview.get_parameter_overview(state.params, include_stats=False)
@@ -287,17 +310,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
         restored = checkpointer.restore_latest(abstract)  # raises rather than start again while checkpoints exist
         if restored is None:
-            run_config.warn_no_checkpoint(run_dir)
+            if is_main:
+                run_config.warn_no_checkpoint(run_dir)
         else:
             state, meta = restored
             history = list(meta.get("history", []))
             best_val_accuracy = meta.get("best_val_accuracy")
-            print(f"resumed from step {int(state.step)} of {run_dir}", flush=True)
+            if is_main:
+                print(f"resumed from step {int(state.step)} of {run_dir}", flush=True)
 
     train_step = make_train_step(graphdef, optimizer, config, mesh, data.num_classes)
     eval_step = make_eval_step(graphdef, mesh)
     batch_sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXIS))
-    replicated = NamedSharding(mesh, PartitionSpec())
     # Python's copy of the schedule (equal to optax's, tested): evaluating the optax one costs a dispatch.
     # Optax counts updates from 0, so step s (1-based) used learning_rate(s - 1).
     learning_rate = functools.partial(run_config.learning_rate, config=config.to_dict(),
@@ -308,7 +332,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                           else (None, []))
     reporter = Reporter(run_dir, total_steps, start_step, enabled=is_main, step_tags=config.step_timing == "on",
                         purge_step=purge_step, replay=replay)
-    profiler = StepProfiler(default_config.parse_profile_steps(config.profile_steps), run_dir / "profile")
+    # The profile's ops.json needs the compiled step's HLO: the cached executable of the last arguments it ran on.
+    profiler = StepProfiler(run_config.parse_profile_steps(config.profile_steps), run_dir / "profile",
+                            compiled_step=lambda: train_step.lower(state, metrics, rest, *batch).compile().as_text())
     every = config.checkpoint_every_steps
     last_saved: Path | None = None
     try:
@@ -322,7 +348,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
             checkpoint_s = 0.0
 
             # ---- train: step k+1 is dispatched before the host waits for step k, so the device never idles
-            metrics = jax.device_put(TrainMetrics.empty(), replicated)
+            metrics = replicate(TrainMetrics.empty(), mesh)
             loader = input_pipeline.train_batches(
                 data.train, seed=config.seed, epoch=epoch, first=first, last=last, batch_size=config.batch_size,
                 img_size=config.img_size, num_workers=config.num_workers, augment=augmentation)
@@ -335,8 +361,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                     data_wait_s += time.perf_counter() - fetch_start
                     for hook in hooks:
                         state = hook(step - 1, state)
-                    state, metrics, outputs = train_step(state, metrics, rest,
-                                                         *input_pipeline.to_global(host_batch, batch_sharding))
+                    batch = input_pipeline.to_global(host_batch, batch_sharding)
+                    state, metrics, outputs = train_step(state, metrics, rest, *batch)
                     if in_flight is not None:
                         step_started = finish_step(*in_flight, step_started, data_wait_s,
                                                    learning_rate(in_flight[0] - 1), reporter, last_saved)
@@ -351,6 +377,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                         data_wait_s, in_flight = 0.0, None
                         profiler.after_step(step)
                         if saves_now:
+                            reporter.flush()
                             meta = checkpoint_meta(step, steps_per_epoch, None, best_val_accuracy, history)
                             checkpoint_s += checkpointer.save(step, state, meta, None)
                             last_saved = checkpointer.directory / str(step)

@@ -1,4 +1,4 @@
-"""Callbacks: the shared clock, tags and epoch line with the non-finite loss stop, validation at --max-steps."""
+"""Callbacks: the shared clock, tags and epoch line with the non-finite loss stop, validation at --max-steps, profiles."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import dataclasses
 import math
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -13,7 +14,7 @@ import torch
 from pytorch_lightning.callbacks import TQDMProgressBar
 
 from lightning_swin.checkpointing import AtomicCheckpointIO
-from shared_data import tags
+from shared_data import op_profile, tags
 from shared_data.environment import host_peak_mb
 from shared_data.errors import NonFiniteLossError
 from shared_data.run_report import EpochResult
@@ -126,6 +127,9 @@ class TimingAndMetrics(pl.Callback):
                      and batch_idx + 1 < trainer.num_training_batches and step < self.total_steps)
         if saves_now:  # the step checkpoint saved after this hook must not hold a non-finite state
             self._finish_in_flight(trainer)
+            # Its steps' tags go to disk before it does: a run killed after the save resumes from it, and the
+            # resumed run's event files keep only what was on disk (shared_data.event_files.resume_purge).
+            self._write(trainer, {}, step, flush=True)
 
     def _finish_in_flight(self, trainer: pl.Trainer) -> None:
         if self._in_flight is not None:
@@ -219,3 +223,68 @@ class ProgressBar(TQDMProgressBar):
         if self.timing.last_loss is not None:
             metrics["loss"] = f"{self.timing.last_loss:.4f}"
         return metrics
+
+
+class StepProfiler(pl.Callback):
+    """A torch.profiler trace of global steps first..last (inclusive) into `folder`, for TensorBoard, and the
+    per-operation summary of those steps beside it (shared_data.op_profile, ops.json); rank 0's. The mirror of
+    flax_swin.reporting.StepProfiler.
+
+    Lightning's PyTorchProfiler wraps every hook of every step in a record_function, which costs time in the steps it
+    does not trace, and counts its schedule in its own calls; this starts and stops torch.profiler at the steps asked.
+    """
+
+    def __init__(self, steps: tuple[int, int] | None, folder: Path) -> None:
+        self.first, self.last = steps if steps else (0, -1)
+        self.folder = folder
+        self.profile: torch.profiler.profile | None = None
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        # Rank 0 only, as the Flax stack's process 0: the ranks of one machine would share one folder.
+        if self.profile is None and trainer.global_step + 1 == self.first and trainer.is_global_zero:
+            on_gpu = trainer.strategy.root_device.type == "cuda"
+            activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if on_gpu else [])
+            handler = torch.profiler.tensorboard_trace_handler(str(self.folder), worker_name=f"rank{trainer.global_rank}")
+            if on_gpu:
+                torch.cuda.synchronize()  # earlier steps' kernels are not this trace's
+            self.profile = torch.profiler.profile(activities=activities, on_trace_ready=handler)
+            self.profile.start()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self.profile is not None and trainer.global_step >= self.last:
+            if trainer.strategy.root_device.type == "cuda":
+                torch.cuda.synchronize()  # the traced steps' kernels end inside the trace
+            self._stop(trainer, complete=True)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._stop(trainer, complete=False)  # the run ended before the last traced step: a partial trace, no ops.json
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._stop(trainer, complete=False)
+
+    def _stop(self, trainer: pl.Trainer, complete: bool) -> None:
+        if self.profile is None:
+            return
+        profile, self.profile = self.profile, None
+        profile.stop()
+        if complete:
+            ops, clock = torch_op_times(profile, self.last - self.first + 1)
+            op_profile.write_ops(self.folder, stack="lightning", steps=(self.first, self.last), clock=clock, ops=ops)
+
+
+def torch_op_times(profile: torch.profiler.profile, steps: int) -> tuple[list[op_profile.OpTime], str]:
+    """Self time per step of each operation of a finished torch.profiler trace, with its kind (op_profile), and the
+    clock: 'device' (CUDA kernel time attributed to each op) when the trace has CUDA activity, else 'cpu'."""
+    events = profile.events()
+    on_device = any(event.self_device_time_total > 0 for event in events)
+    rows = []
+    for event in events:
+        seconds = (event.self_device_time_total if on_device else event.self_cpu_time_total) / 1e6
+        ancestors, parent = [], event.cpu_parent
+        while parent is not None:
+            ancestors.append(parent.name)
+            parent = parent.cpu_parent
+        rows.append((event.name, op_profile.torch_kind(event.name, ancestors), seconds))
+    return op_profile.aggregate(rows, steps), "device" if on_device else "cpu"

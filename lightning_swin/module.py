@@ -15,7 +15,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_swin.model import create_model, param_groups
-from shared_data import run_config, tags
+from shared_data import op_profile, run_config, tags
 from shared_data.errors import CheckpointError
 from shared_data.normalize import MEAN, STD
 
@@ -85,11 +85,13 @@ class SwinClassifier(pl.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> dict[str, torch.Tensor]:
         images, labels, *targets = batch  # soft targets come with --augment official (shared_data.augment)
-        logits = self(images)
-        if targets:
-            loss = soft_target_cross_entropy(logits, targets[0])
-        else:
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.config["label_smoothing"])
+        # Marks the forward pass in profiles: Lightning runs it inside optimizer.step (shared_data.op_profile).
+        with torch.profiler.record_function(op_profile.FORWARD_RANGE):
+            logits = self(images)
+            if targets:
+                loss = soft_target_cross_entropy(logits, targets[0])
+            else:
+                loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.config["label_smoothing"])
         accuracy = (logits.argmax(dim=-1) == labels).float().mean()
         # ModelCheckpoint names files with a logged "epoch" where there is one: the 1-based epoch of this step.
         self.log("epoch", float(self.current_epoch + 1), logger=False)

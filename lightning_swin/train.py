@@ -14,7 +14,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.strategies import DDPStrategy
 
 from lightning_swin import checkpointing
-from lightning_swin.callbacks import ProgressBar, TimingAndMetrics, ValidateAtLastStep
+from lightning_swin.callbacks import ProgressBar, StepProfiler, TimingAndMetrics, ValidateAtLastStep
 from lightning_swin.configs import default
 from lightning_swin.datamodule import ImagenetteDataModule
 from lightning_swin.module import SwinClassifier
@@ -101,7 +101,9 @@ def train_and_evaluate(config: dict[str, Any], workdir: str | os.PathLike,
         gradient_clip_val=config["grad_clip"] or None, gradient_clip_algorithm="norm",
         deterministic=True if config["deterministic"] else None,
         logger=logger,
-        callbacks=[timing, ValidateAtLastStep(), ProgressBar(timing), *callbacks,
+        callbacks=[timing, ValidateAtLastStep(), ProgressBar(timing),
+                   StepProfiler(run_config.parse_profile_steps(config["profile_steps"]), run_dir / "profile"),
+                   *callbacks,
                    *checkpointing.checkpoint_callbacks(checkpointing.checkpoint_dir(run_dir), config["keep_checkpoints"],
                                                        config["checkpoint_every_steps"])],
         plugins=[checkpoint_io],

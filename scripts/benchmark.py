@@ -45,6 +45,7 @@ COMPILE_CACHE_VARIABLES = {
     "TORCHINDUCTOR_CACHE_DIR": "torchinductor", "TRITON_CACHE_DIR": "triton", "JAX_COMPILATION_CACHE_DIR": "jax",
 }
 WARM_CACHE_FOLDER = "shared"
+DEFAULT_PROFILE_STEPS = "5,7"
 LOAD_POLL_S = 5.0
 
 
@@ -96,6 +97,7 @@ def plan_runs(args: argparse.Namespace, logdir: Path) -> list[PlannedRun]:
                     command = [sys.executable, str(TRAINING_SCRIPTS[stack]), *settings,
                                "--run-name", name, "--logdir", str(logdir)]
                     command += ["--compile"] if compiled else []
+                    command += ["--profile-steps", args.profile] if args.profile and repeat == 0 else []
                     planned.append(PlannedRun(stack, name, compiled, tuple(command)))
     return planned
 
@@ -284,6 +286,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-wait-s", type=float, default=120.0,
                         help="before each run, wait up to this long for the 1-minute host load to fall to the core "
                              "count; a run started above it is marked in the report (default 120)")
+    parser.add_argument("--profile", nargs="?", const=DEFAULT_PROFILE_STEPS, metavar="FIRST,LAST",
+                        help="trace global steps FIRST..LAST (default 5,7: after the first step's compilation, inside "
+                             "the first epoch, which the 'excluding the first epoch' figures leave out) of each "
+                             "variant's first repeat with its own profiler (--profile-steps); the report then shows "
+                             "the time per kind of operation and the top operations of each stack")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the commands (with each run's compile-cache variables) and stop")
     args = parser.parse_args(argv)
@@ -293,6 +300,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--no-compile with --no-eager leaves no Lightning run to compare with")
     if args.max_wait_s < 0:
         parser.error("--max-wait-s must be >= 0")
+    try:
+        run_config.parse_profile_steps(args.profile)
+    except run_config.ConfigError as error:
+        parser.error(str(error).replace("--profile-steps", "--profile"))
     return args
 
 

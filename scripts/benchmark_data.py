@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
 from tqdm import tqdm
 
-from shared_data import augment, errors, run_config
+from shared_data import augment, environment, errors, run_config
 from shared_data.batches import train_batch, train_steps_per_epoch
 from shared_data.loader import BatchLoader
 from shared_data.prepare import prepare_data
@@ -65,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     augmentation = augment.from_config(settings, data.num_classes)
     print(f"{data.dataset}: {len(data.train)} train images cached at {data.resolution}px, "
           f"crop {args.img_size}, batch {args.batch_size}, --augment {args.augment}, "
-          f"load average {' / '.join(f'{load:.2f}' for load in os.getloadavg())} on {os.cpu_count()} cores")
+          f"{environment.machine_load_text()}")
     for workers in args.workers:
         rate, cpu_ms = measure(data, batch_size=args.batch_size, img_size=args.img_size, batches=args.batches,
                                num_workers=workers, prefetch=args.prefetch, augmentation=augmentation)

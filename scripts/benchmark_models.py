@@ -1,4 +1,4 @@
-"""Time forward and train steps of our PyTorch, torchvision's and our Flax Swin V2, and compare parameter counts."""
+"""Time forward and train steps of our PyTorch, timm's, torchvision's and our Flax Swin V2 in one process."""
 
 from __future__ import annotations
 
@@ -7,16 +7,25 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 from tqdm import tqdm
 
-from shared_data.variants import VARIANTS
+if __package__ in (None, ""):  # run as `python scripts/benchmark_models.py`: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from shared_data import environment  # noqa: E402
+from shared_data.variants import VARIANTS  # noqa: E402
 
 # Official model zoo figures (millions of parameters, 1000-class head).
 OFFICIAL_PARAMS_M = {"tiny": 28.35}
 TORCHVISION_EQUIVALENT = "swinv2_tiny_window8_256"  # torchvision's swin_v2_t is this variant
+IMPLEMENTATIONS = ("torch", "timm", "torchvision", "flax")
+OURS_TORCH, TIMM, TORCHVISION, OURS_FLAX = "ours (pytorch)", "timm", "torchvision swin_v2_t", "ours (flax, jit)"
+# (faster candidate, reference): the speed ratios printed under the table, when both ran.
+RATIOS = ((OURS_FLAX, OURS_TORCH), (OURS_TORCH, TIMM), (OURS_FLAX, TIMM))
 
 
 @dataclass
@@ -41,8 +50,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per measurement (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before timing (after any compile)")
     parser.add_argument("--num-classes", type=int, default=1000)
-    parser.add_argument("--skip", nargs="*", default=(), choices=("torch", "torchvision", "flax"),
-                        help="implementations to leave out")
+    parser.add_argument("--skip", nargs="*", default=(), choices=IMPLEMENTATIONS,
+                        help="implementations to leave out (timm and torchvision run only for variants they have)")
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.steps < 1 or args.warmup < 0:
         parser.error("--batch-size and --steps must be positive and --warmup non-negative")
@@ -82,7 +91,8 @@ def torch_contender(name: str, model, images: np.ndarray, labels: np.ndarray) ->
 
 
 def flax_contender(model, images: np.ndarray, labels: np.ndarray) -> Contender:
-    """Jitted eval forward and jitted train step (AdamW with the official decay mask); the first call is compile."""
+    """Jitted eval forward and jitted train step (AdamW with the official decay mask), in the Flax stack's form:
+    parameters and optimiser state as plain dicts, donated to the step (flax_swin.train); the first call compiles."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -91,30 +101,39 @@ def flax_contender(model, images: np.ndarray, labels: np.ndarray) -> Contender:
     from flax_swin.model import decay_mask
 
     x, y = jnp.asarray(images), jnp.asarray(labels)
-    optimizer = nnx.Optimizer(model, optax.adamw(1e-4, weight_decay=0.05, mask=decay_mask), wrt=nnx.Param)
+    graphdefs = {}
+    for mode in ("forward", "train step"):  # the mode (dropout, drop path on or off) is part of the graph
+        (model.eval if mode == "forward" else model.train)()
+        graphdefs[mode], params, rest = nnx.split(model, nnx.Param, ...)
+    params, rest = params.to_pure_dict(), rest.to_pure_dict()
+    optimizer = optax.adamw(1e-4, weight_decay=0.05, mask=decay_mask(params))
+    state = {"params": params, "opt_state": optimizer.init(params)}
 
-    @nnx.jit
-    def forward(model, x):
-        return model(x)
+    @jax.jit
+    def forward(params, rest, x):
+        return nnx.merge(graphdefs["forward"], params, rest)(x)
 
-    @nnx.jit
-    def train_step(model, optimizer, x, y):
-        def loss_fn(model):
-            return optax.softmax_cross_entropy_with_integer_labels(model(x), y).mean()
+    @jax.jit(donate_argnums=(0,))
+    def train_step(state, rest, x, y):
+        def loss_fn(params):
+            logits = nnx.merge(graphdefs["train step"], params, rest)(x)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-        loss, grads = nnx.value_and_grad(loss_fn)(model)
-        optimizer.update(model, grads)
-        return loss
+        loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+        with jax.named_scope("optimizer"):
+            updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+            return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}, loss
+
+    def run_train_step() -> None:
+        nonlocal state
+        state, loss = train_step(state, rest, x, y)
+        jax.block_until_ready(loss)
 
     contender = Contender(
-        "ours (flax, jit)", {"forward": model.eval, "train step": model.train},
-        {
-            "forward": lambda: jax.block_until_ready(forward(model, x)),
-            "train step": lambda: jax.block_until_ready(train_step(model, optimizer, x, y)),
-        },
+        OURS_FLAX, {"forward": lambda: None, "train step": lambda: None},
+        {"forward": lambda: jax.block_until_ready(forward(state["params"], rest, x)), "train step": run_train_step},
     )
     for step, call in contender.steps.items():
-        contender.modes[step]()
         start = time.perf_counter()
         call()
         contender.compile_s[step] = time.perf_counter() - start  # compile + one step; the step is subtracted later
@@ -122,7 +141,8 @@ def flax_contender(model, images: np.ndarray, labels: np.ndarray) -> Contender:
 
 
 def time_round_robin(contenders: list[Contender], steps: int, warmup: int, batch_size: int) -> list[Timing]:
-    """Interleave the contenders step by step, so load from other processes hits them all alike."""
+    """Interleave the contenders step by step, so load from other processes hits them all alike, and rotate their
+    order each round, so none always follows the same one (XLA's threads go on spinning for a moment after a step)."""
     timings = []
     for step in ("forward", "train step"):
         seconds: dict[str, list[float]] = {contender.name: [] for contender in contenders}
@@ -130,8 +150,9 @@ def time_round_robin(contenders: list[Contender], steps: int, warmup: int, batch
             contender.modes[step]()
             for _ in range(warmup):
                 contender.steps[step]()
-        for _ in tqdm(range(steps), desc=step, unit="round", leave=False):
-            for contender in contenders:
+        for round_index in tqdm(range(steps), desc=step, unit="round", leave=False):
+            turn = round_index % len(contenders)
+            for contender in contenders[turn:] + contenders[:turn]:
                 contender.modes[step]()
                 start = time.perf_counter()
                 contender.steps[step]()
@@ -167,8 +188,31 @@ def parameter_counts(name: str, num_classes: int, skip: Sequence[str]) -> list[t
     return counts
 
 
+def timm_has(name: str) -> bool:
+    """Whether timm (the pinned release) builds this variant under the same name."""
+    import timm
+
+    return name in timm.list_models(name)
+
+
+def speed_ratios(timings: list[Timing]) -> list[str]:
+    """'ours (flax, jit) / ours (pytorch), train step: 0.93x' lines: reference seconds / candidate seconds, so above
+    1x the candidate is faster; for each pair of RATIOS that ran."""
+    median = {(t.model, t.step): t.median_s for t in timings}
+    lines = []
+    for step in ("forward", "train step"):
+        for candidate, reference in RATIOS:
+            if (candidate, step) in median and (reference, step) in median:
+                ratio = median[(reference, step)] / median[(candidate, step)]
+                lines.append(f"  {step:<11} {candidate} against {reference}: {ratio:.2f}x "
+                             f"({'faster' if ratio >= 1 else 'slower'})")
+    return lines
+
+
 def run(args: argparse.Namespace) -> tuple[list[Timing], list[tuple[str, int]]]:
     import torch
+
+    args.load_before = environment.machine_load_text()  # printed with the figures: what else was running
 
     img_size = VARIANTS[args.model]["img_size"]
     rng = np.random.default_rng(0)
@@ -180,13 +224,19 @@ def run(args: argparse.Namespace) -> tuple[list[Timing], list[tuple[str, int]]]:
 
         torch.manual_seed(0)
         model = create_torch_model(args.model, args.num_classes)
-        contenders.append(torch_contender("ours (pytorch)", model, images, labels))
+        contenders.append(torch_contender(OURS_TORCH, model, images, labels))
+    if "timm" not in args.skip and timm_has(args.model):
+        import timm
+
+        torch.manual_seed(0)
+        model = timm.create_model(args.model, num_classes=args.num_classes)
+        contenders.append(torch_contender(TIMM, model, images, labels))
     if "torchvision" not in args.skip and args.model == TORCHVISION_EQUIVALENT:
         from torchvision.models import swin_v2_t
 
         torch.manual_seed(0)
         model = swin_v2_t(num_classes=args.num_classes)
-        contenders.append(torch_contender("torchvision swin_v2_t", model, images, labels))
+        contenders.append(torch_contender(TORCHVISION, model, images, labels))
     if "flax" not in args.skip:
         from flax import nnx
 
@@ -205,7 +255,8 @@ def format_report(args: argparse.Namespace, timings: list[Timing], counts: list[
     img_size = VARIANTS[args.model]["img_size"]
     lines = [
         f"{args.model}, {img_size}x{img_size}, batch {args.batch_size}, float32, median of {args.steps} interleaved steps; "
-        f"torch {torch.__version__} ({torch.get_num_threads()} threads), jax {jax.__version__} on {jax.default_backend()}",
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), jax {jax.__version__} on {jax.default_backend()}; "
+        f"before timing: {getattr(args, 'load_before', 'not measured')}, after: {environment.machine_load_text()}",
         f"{'model':<24}{'step':<12}{'s/batch':>10}{'images/s':>10}{'compile s':>11}",
     ]
     for timing in timings:
@@ -214,6 +265,9 @@ def format_report(args: argparse.Namespace, timings: list[Timing], counts: list[
             f"{timing.model:<24}{timing.step:<12}{timing.median_s:>10.3f}"
             f"{timing.batch_size / timing.median_s:>10.1f}{compile_s:>11}"
         )
+    ratios = speed_ratios(timings)
+    if ratios:
+        lines += ["", "speed (reference s / candidate s; above 1x the candidate is faster)"] + ratios
     size = args.model.split("_")[1]
     official = OFFICIAL_PARAMS_M.get(size) if args.num_classes == 1000 else None
     lines.append("")

@@ -1,4 +1,4 @@
-"""Compare Lightning and Flax runs from their TensorBoard traces: speedups, time breakdown, MFU, report and figures."""
+"""Compare Lightning and Flax runs from their traces and profiles: speedups, breakdowns, MFU, operations, figures."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from scripts.run_statistics import (
 from scripts.runs_reader import (
     COMPILED, EAGER, FLAX, Group, NotComparableError, Run, TraceProblem, find_runs, group_runs, read_benchmark_record,
 )
-from shared_data import tags
+from shared_data import op_profile, tags
 
 # (faster candidate, other): the comparisons the report makes when both variants ran.
 PAIRINGS = ((FLAX, EAGER), (FLAX, COMPILED), (COMPILED, EAGER))
@@ -161,6 +161,7 @@ def _group_section(group: Group, out: Path, peak_override: float | None, figures
     lines += ["", "Largest part: " + "; ".join(f"{v}: {p}" for v, p in bottleneck.items()) + "."]
     lines += _contention_note(group.runs())
 
+    lines += _operations_section(group, Path(f"{out / group.slug}_operations.png"), figures)
     for index, (flax, eager) in enumerate(group.same_init_pairs()):
         lines += _same_training_section(flax, eager, Path(f"{out / group.slug}_same_training{index or ''}.png"),
                                         figures)
@@ -168,6 +169,64 @@ def _group_section(group: Group, out: Path, peak_override: float | None, figures
         lines += ["", "### Figures", ""] + [f"![{caption}]({path.name})" for caption, path in
                                             _write_group_figures(group, epochs, set(left_out), breakdowns, out)]
     return lines
+
+
+TOP_OPERATIONS = 8
+
+
+def _operations_section(group: Group, figure: Path, figures: bool) -> list[str]:
+    """Inside the step, from each variant's first run with a profile (--profile-steps, ops.json): milliseconds per
+    step of each kind of operation, the kinds that make the difference, the top operations by self time."""
+    profiles = {}
+    for variant, runs in group.variants.items():
+        for run in runs:
+            try:
+                profile = op_profile.read_ops(run.path / "profile")
+            except ValueError as error:
+                raise SystemExit(f"compare.py: {error}") from None
+            if profile is not None:
+                profiles[variant] = (run, profile)
+                break
+    if not profiles:
+        return []
+    kinds = {variant: op_profile.by_kind(profile["ops"]) for variant, (_, profile) in profiles.items()}
+    names = list(profiles)
+    lines = ["", "### Inside the step (per-operation profiles)", "",
+             "Self time of each operation in the profiled steps, per step, summed by kind: each stack's own profiler "
+             "(jax.profiler: XLA's operations, fusions named by what they compute; torch.profiler: aten operations). "
+             "Clock: " + "; ".join(f"{variant}: steps {profile['first_step']}-{profile['last_step']} of "
+                                   f"`{_run_label(run)}`, {_clock_text(profile['clock'])}"
+                                   for variant, (run, profile) in profiles.items()) + ".", "",
+             "| kind | " + " | ".join(f"{name} ms/step" for name in names) + " |", "|---" * (len(names) + 1) + "|"]
+    totals = {variant: sum(values.values()) for variant, values in kinds.items()}
+    for kind in op_profile.KINDS:
+        cells = " | ".join(f"{1000 * kinds[v][kind]:.1f} ({100 * kinds[v][kind] / (totals[v] or 1):.0f}%)"
+                           for v in names)
+        lines.append(f"| {kind} | {cells} |")
+    lines.append("| **total** | " + " | ".join(f"**{1000 * totals[v]:.1f}**" for v in names) + " |")
+    if FLAX in kinds and len(kinds) > 1:
+        other = EAGER if EAGER in kinds else next(v for v in names if v != FLAX)
+        differences = sorted(((kinds[FLAX][k] - kinds[other][k], k) for k in op_profile.KINDS),
+                             key=lambda item: abs(item[0]), reverse=True)
+        said = [f"{kind} {1000 * abs(diff):.1f} ms {'more' if diff > 0 else 'less'}"
+                for diff, kind in differences[:3] if abs(diff) > 0.0005]
+        lines += ["", f"Against {other}, {FLAX} spends " + ", ".join(said) + " per step." if said else
+                  f"Against {other}, no kind differs by more than 0.5 ms per step."]
+    for variant, (_, profile) in profiles.items():
+        lines += ["", f"Top operations of {variant} by self time:", "", "| operation | kind | calls/step | ms/step |",
+                  "|---|---|---|---|"]
+        lines += [f"| `{op.name}`{f' `{op.detail}`' if op.detail else ''} | {op.kind} | {op.calls:g} | "
+                  f"{1000 * op.self_s:.2f} |"
+                  for op in profile["ops"][:TOP_OPERATIONS]]
+    if figures:
+        path = report_figures.plot_operations({v: kinds[v] for v in names}, figure)
+        lines += ["", f"![time per kind of operation]({path.name})"]
+    return lines
+
+
+def _clock_text(clock: str) -> str:
+    return ("kernel time on the device" if clock == "device"
+            else "host CPU time, summed over the threads XLA or torch computed with")
 
 
 def _same_training_section(flax: Run, eager: Run, figure: Path, figures: bool) -> list[str]:

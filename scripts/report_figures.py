@@ -1,4 +1,4 @@
-"""The comparison report's PNG figures: step and epoch times, throughput, learning curves, breakdown, same training."""
+"""The report's PNG figures: step and epoch times, throughput, learning curves, breakdown, operations, same training."""
 
 from __future__ import annotations
 
@@ -122,22 +122,40 @@ def plot_curves(train_loss: Series, val_loss: EpochValues, val_accuracy: EpochVa
     return _save(figure, path)
 
 
-def plot_breakdown(breakdowns: Mapping[str, Mapping[str, float]], path: Path) -> Path:
-    """Stacked horizontal bar per variant of where its run's seconds went."""
-    figure, axes = plt.subplots(figsize=(10, 1.5 + 0.6 * len(breakdowns)))
-    labels = list(breakdowns)
+def _stacked_bars(values: Mapping[str, Mapping[str, float]], colours: Mapping[str, str], xlabel: str, title: str,
+                  path: Path) -> Path:
+    """One stacked horizontal bar per label of `values` (label -> part -> amount), parts in `colours`' order;
+    parts that are zero everywhere are left out of the legend."""
+    figure, axes = plt.subplots(figsize=(10, 1.5 + 0.6 * len(values)))
+    labels = list(values)
     left = np.zeros(len(labels))
-    for part, colour in BREAKDOWN_COLOURS.items():
-        seconds = np.array([breakdowns[label].get(part, 0.0) for label in labels])
-        if not seconds.any():
+    for part, colour in colours.items():
+        amounts = np.array([values[label].get(part, 0.0) for label in labels])
+        if not amounts.any():
             continue
-        axes.barh(labels, seconds, left=left, color=colour, label=part)
-        left += seconds
+        axes.barh(labels, amounts, left=left, color=colour, label=part)
+        left += amounts
     axes.invert_yaxis()
-    axes.set_xlabel("seconds (median over repeats)")
-    axes.set_title("Where the time goes")
+    axes.set_xlabel(xlabel)
+    axes.set_title(title)
     axes.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     return _save(figure, path)
+
+
+def plot_breakdown(breakdowns: Mapping[str, Mapping[str, float]], path: Path) -> Path:
+    """Stacked horizontal bar per variant of where its run's seconds went."""
+    return _stacked_bars(breakdowns, BREAKDOWN_COLOURS, "seconds (median over repeats)", "Where the time goes", path)
+
+
+OPERATION_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:gray")
+
+
+def plot_operations(kinds: Mapping[str, Mapping[str, float]], path: Path) -> Path:
+    """Stacked horizontal bar per variant of its step's operation time by kind (seconds per step, shown in ms)."""
+    milliseconds = {label: {kind: 1000 * seconds for kind, seconds in parts.items()} for label, parts in kinds.items()}
+    colours = dict(zip(next(iter(kinds.values())), OPERATION_COLOURS))
+    return _stacked_bars(milliseconds, colours, "ms of operation self time per step",
+                         "Inside the step: time per kind of operation", path)
 
 
 def plot_same_training(losses: Mapping[str, tuple[np.ndarray, np.ndarray]], compared_steps: int, bound: float,

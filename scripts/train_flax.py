@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -16,18 +15,6 @@ from shared_data import errors, run_config  # noqa: E402
 PROG = "train_flax.py"
 DESCRIPTION = ("Train Swin Transformer V2 in JAX/Flax NNX (CLU-style loop, data parallel over every device, "
                "Orbax checkpoints). Run folder: <logdir>/flax/<run-name>/.")
-# Environment variables that mean "this process is one of several hosts" for jax.distributed.initialize().
-_MULTI_HOST_MARKERS = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")
-
-
-def multi_host_environment() -> bool:
-    """True under a multi-process launcher (explicit coordinator, SLURM or Open MPI with several tasks, TPU pod)."""
-    if any(os.environ.get(name) for name in _MULTI_HOST_MARKERS):
-        return True
-    for name in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
-        if os.environ.get(name, "1").isdigit() and int(os.environ.get(name, "1")) > 1:
-            return True
-    return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,12 +26,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
     import jax
 
-    from flax_swin import train  # JAX is imported only once the flags are known good
+    from flax_swin import distributed, train  # JAX is imported only once the flags are known good
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if multi_host_environment():
-        # Only under a multi-process launcher: on one host this would wait for peers that never come.
-        jax.distributed.initialize()
+    # Several processes (flags, JAX_* variables or a cluster launcher) join here, before JAX picks its devices.
+    errors.exit_on_error(PROG, lambda: distributed.initialize(config, PROG))
     if jax.process_index() == 0:
         devices = jax.devices()
         print(f"jax {jax.__version__}: {jax.process_count()} process(es), {len(devices)} device(s) "

@@ -20,6 +20,11 @@ def host_peak_mb() -> float:
     return peak / 1024 if sys.platform != "darwin" else peak / 2**20
 
 
+def machine_load_text() -> str:
+    """'load average 0.52 / 0.61 / 0.70 on 2 cores': the 1, 5 and 15-minute load, for every printed figure."""
+    return f"load average {' / '.join(f'{load:.2f}' for load in os.getloadavg())} on {os.cpu_count()} cores"
+
+
 def cpu_description() -> str:
     """'cpu: <model name> x<cores> cores', read from /proc/cpuinfo where it exists."""
     name = platform.processor() or platform.machine()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable, TypeVar
 
@@ -84,3 +85,13 @@ def exit_on_error(prog: str, run: Callable[[], T], run_name: str | None = None) 
         hint = f"; continue with --resume --run-name {run_name}" if run_name else ""
         print(f"{prog}: interrupted{hint}", file=sys.stderr, flush=True)
         raise SystemExit(INTERRUPTED_EXIT_CODE) from None
+
+
+def exit_from_thread(prog: str, error: RunError) -> None:
+    """Print `error` as exit_on_error does and end the process at once with its exit code (os._exit: no clean-up).
+
+    For a watchdog thread whose main thread is blocked in native code that cannot be interrupted and would itself end
+    the process later with a stack trace (jax.distributed.initialize waiting for processes that never come).
+    """
+    print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
+    os._exit(error.exit_code)

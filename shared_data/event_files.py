@@ -53,6 +53,7 @@ def read_points(run_dir: str | os.PathLike) -> list[Point]:
 
 
 def write_points(writer: Any, points: Iterable[Point]) -> None:
-    """Write `points` again through a SummaryWriter (tensorboardX's or torch's), with their original wall times."""
+    """Write `points` again through a writer with SummaryWriter's add_scalar (torch's, or the Flax stack's
+    reporting.EventFile), with their original wall times."""
     for point in points:
         writer.add_scalar(point.tag, point.value, point.step, walltime=point.wall_time)

@@ -66,6 +66,7 @@ DEFAULTS: dict[str, Any] = dict(
     preset=None,
     pretrained=None,  # weights to fine-tune from (weights only; a fresh optimiser and schedule); alias --init-from
     step_timing="on",  # "off": only the epoch-level timing tags
+    profile_steps=None,  # "first,last" global steps to trace with the stack's profiler, e.g. "5,10"
 )
 PRESETS: dict[str, dict[str, Any]] = {
     # A nano model on a small synthetic set: a whole run in well under two minutes on a 2-core CPU.
@@ -160,6 +161,9 @@ def build_parser(stack: str, add_stack_flags: Callable[[argparse.ArgumentParser]
              "a head of another class count is replaced, and the report printed says so. --init-from is an alias")
     add("--step-timing", choices=STEP_TIMINGS,
         help="on: write the per-step timing tags (default); off: the epoch-level tags only")
+    add("--profile-steps", metavar="FIRST,LAST",
+        help="trace global steps FIRST..LAST with the stack's own profiler (jax.profiler; torch.profiler) into "
+             "<run>/profile, for TensorBoard, with each operation's time in <run>/profile/ops.json, e.g. 5,10")
     if add_stack_flags is not None:
         add_stack_flags(parser)
     return parser
@@ -196,6 +200,15 @@ def resolve(args: argparse.Namespace | dict[str, Any], stack: str) -> dict[str, 
         config["run_name"] = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     config["run_dir"] = str(Path(config["logdir"]) / stack / config["run_name"])
     return config
+
+
+def require_run_name(values: dict[str, Any], launched: str) -> None:
+    """Processes started on their own (several machines, torchrun, SLURM) would each name the run folder by their own
+    clock: raise ConfigError naming --run-name unless `values` (the flags, before resolve) give one. `launched` says
+    how the processes were started, for the message."""
+    if values.get("run_name") is None:
+        raise ConfigError(f"--run-name is needed with {launched}: every process writes into one run folder; "
+                          "pass the same --run-name to each")
 
 
 def _check(config: dict[str, Any]) -> None:
@@ -235,9 +248,25 @@ def _check(config: dict[str, Any]) -> None:
                           "(.pth, .pt, .bin, .safetensors, a Lightning .ckpt) or a run folder")
     if config["precision"] not in PRECISIONS:
         raise ConfigError(f"--precision must be fp32 or bf16, got {config['precision']!r}")
+    parse_profile_steps(config["profile_steps"])
     if config["run_name"] is not None and (not config["run_name"] or "/" in config["run_name"]
                                            or config["run_name"] in (".", "..")):
         raise ConfigError(f"--run-name must be a plain folder name, got {config['run_name']!r}")
+
+
+def parse_profile_steps(text: str | None) -> tuple[int, int] | None:
+    """'5,10' -> (5, 10): trace global steps 5 to 10 inclusive ('5': step 5 only); raises ConfigError naming the flag."""
+    if not text:
+        return None
+    parts = str(text).split(",")
+    try:
+        first, last = (int(parts[0]), int(parts[-1])) if len(parts) in (1, 2) else (0, -1)
+    except ValueError:
+        first, last = 0, -1
+    if not 1 <= first <= last:
+        raise ConfigError(
+            f"--profile-steps must be 'FIRST,LAST' global steps with 1 <= FIRST <= LAST, got {text!r}")
+    return first, last
 
 
 def load_pretrained(load: Callable[[Any, str], Any], model: Any, path: str, *, announce: bool) -> None:
@@ -281,24 +310,39 @@ def prepare_run_dir(config: dict[str, Any], extra: dict[str, Any] | None = None)
 
     --resume on a folder without config.json (none yet, or a run killed before writing it) starts the run, as a
     job scheduler that always relaunches with --resume needs; the stack then warns that it starts from step 0
-    (warn_no_checkpoint) unless it finds checkpoints to continue.
+    (warn_no_checkpoint) unless it finds checkpoints to continue. Raises ConfigError as check_run_dir does.
+    """
+    resumes = check_run_dir(config, extra)
+    run_dir = Path(config["run_dir"])
+    record = dict(config, **(extra or {}), command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]))
+    if resumes:
+        record["resumed_from_config"] = str(run_dir / "config.json")
+        _write_record(run_dir / "config.resume.json", record)
+        return run_dir
+    _write_record(run_dir / "config.json", record)
+    return run_dir
+
+
+def check_run_dir(config: dict[str, Any], extra: dict[str, Any] | None = None) -> bool:
+    """prepare_run_dir's checks, writing nothing: True when --resume continues a run folder that has a config.json.
+
+    Raises ConfigError naming --resume for a changed experiment (a flag of _RESUME_MUST_MATCH differs from the saved
+    config, `extra` included) and naming --run-name for a folder that holds a run, without --resume. Every process of a
+    run on several machines calls it, so that all stop alike, before process 0 writes the folder.
     """
     run_dir = Path(config["run_dir"])
     config_path = run_dir / "config.json"
-    record = dict(config, **(extra or {}), command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]))
-    if config["resume"] and config_path.is_file():
-        saved = dict(_UNRECORDED_BEFORE, **json.loads(config_path.read_text()))
-        changed = [k for k in _RESUME_MUST_MATCH if k in saved and saved[k] != record.get(k)]
-        if changed:
-            diffs = ", ".join(f"--{k.replace('_', '-')} {saved[k]!r} -> {record.get(k)!r}" for k in changed)
-            raise ConfigError(f"--resume: {run_dir} was started with different settings ({diffs}); "
-                              "use a new --run-name or the original flags")
-        record["resumed_from_config"] = str(config_path)
-        _write_record(run_dir / "config.resume.json", record)
-        return run_dir
-    refuse_existing_run(config)
-    _write_record(config_path, record)
-    return run_dir
+    if not (config["resume"] and config_path.is_file()):
+        refuse_existing_run(config)
+        return False
+    record = dict(config, **(extra or {}))
+    saved = dict(_UNRECORDED_BEFORE, **json.loads(config_path.read_text()))
+    changed = [k for k in _RESUME_MUST_MATCH if k in saved and saved[k] != record.get(k)]
+    if changed:
+        diffs = ", ".join(f"--{k.replace('_', '-')} {saved[k]!r} -> {record.get(k)!r}" for k in changed)
+        raise ConfigError(f"--resume: {run_dir} was started with different settings ({diffs}); "
+                          "use a new --run-name or the original flags")
+    return True
 
 
 def refuse_existing_run(config: dict[str, Any]) -> None:

@@ -517,9 +517,10 @@ def test_killed_while_publishing_an_epoch_checkpoint_its_scalars_are_on_disk_and
     killed = harness.attempt(resume=False, kill=Kill("save", 3), SWIN_TEST_COMMIT_DELAY=str(COMMIT_DELAY_S))
     assert killed.killed_at is not None and harness.complete_steps() == [4], harness.complete_steps()
     scalars = stacks.scalars(harness.run_dir)
-    # All but the checkpoint and wall times, which include the save and so follow it.
+    # All but the checkpoint and wall times, which include the save and so follow it. The Flax loop saves
+    # asynchronously and trains on meanwhile: epoch 2's tags may be on disk too (the resume purges them).
     for tag in set(tags.PER_EPOCH) - {tags.EPOCH_CHECKPOINT_TIME, tags.EPOCH_WALL_TIME}:
-        assert [epoch for epoch, _ in scalars[tag]] == [1], f"{stack}: {tag} of epoch 1 is not on disk"
+        assert [epoch for epoch, _ in scalars[tag]][:1] == [1], f"{stack}: {tag} of epoch 1 is not on disk"
 
     resumed = harness.attempt(resume=True)  # from step 4: epoch 1's tags on disk are stale, and purged
     assert resumed.returncode == 0, resumed.output[-3000:]

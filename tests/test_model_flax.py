@@ -147,3 +147,46 @@ def test_missing_and_unexpected_keys_are_an_error_listing_them():
         load_pretrained(model, weights)
     for name, value in before.items():
         np.testing.assert_array_equal(to_canonical(model)[name], value)
+
+
+def test_hand_written_backward_passes_match_autodiff_of_the_same_functions():
+    """gelu, layer_norm and softmax keep less for the backward pass than autodiff would; their gradients must not
+    change: each against jax.grad of the reference function, in float32 (and gelu's forward against jax.nn.gelu)."""
+    from flax_swin.model import gelu, layer_norm, softmax
+
+    x = jax.random.normal(jax.random.key(0), (4, 16, 32), jnp.float32) * 3.0
+    weights = jax.random.normal(jax.random.key(1), x.shape, jnp.float32)
+    scale = jax.random.normal(jax.random.key(2), (32,), jnp.float32)
+    bias = jax.random.normal(jax.random.key(3), (32,), jnp.float32)
+
+    def reference_layer_norm(x, scale, bias):
+        return nnx.LayerNorm(32, epsilon=1e-5, use_fast_variance=False, rngs=nnx.Rngs(0))(x) * scale + bias
+
+    pairs = [
+        (lambda x: gelu(x), lambda x: jax.nn.gelu(x, approximate=False)),
+        (lambda x: softmax(x), lambda x: jax.nn.softmax(x, axis=-1)),
+        (lambda x: layer_norm(x, scale, bias, 1e-5), lambda x: reference_layer_norm(x, scale, bias)),
+    ]
+    for ours, reference in pairs:
+        np.testing.assert_allclose(ours(x), reference(x), rtol=1e-5, atol=1e-6)
+        grad_ours = jax.grad(lambda x: (ours(x) * weights).sum())(x)
+        grad_reference = jax.grad(lambda x: (reference(x) * weights).sum())(x)
+        np.testing.assert_allclose(grad_ours, grad_reference, rtol=1e-4, atol=1e-5)
+    for argnum in (1, 2):  # the layer norm's scale and bias
+        grad_ours = jax.grad(lambda *a: (layer_norm(*a, 1e-5) * weights).sum(), argnums=argnum)(x, scale, bias)
+        grad_reference = jax.grad(lambda *a: (reference_layer_norm(*a) * weights).sum(), argnums=argnum)(x, scale, bias)
+        np.testing.assert_allclose(grad_ours, grad_reference, rtol=1e-4, atol=1e-4)
+
+
+def test_backward_pass_keeps_no_more_than_torch_would_for_the_activation_norm_and_softmax():
+    """Autodiff of erf-based GELU, LayerNorm and softmax kept 4, 2 and 2 tensors of their input's shape; ours keep 1."""
+    # Private: the public jax.ad_checkpoint.print_saved_residuals only prints what this returns.
+    from jax._src.ad_checkpoint import saved_residuals
+
+    from flax_swin.model import gelu, layer_norm, softmax
+
+    x = jnp.ones((8, 64, 32), jnp.float32)
+    scale, bias = jnp.ones((32,)), jnp.zeros((32,))
+    for function in (gelu, softmax, lambda x: layer_norm(x, scale, bias, 1e-5)):
+        full = [aval for aval, _ in saved_residuals(lambda x: function(x).sum(), x) if aval.shape == x.shape]
+        assert len(full) == 1, (function, full)

@@ -28,7 +28,9 @@ def add_stack_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("PyTorch Lightning")
     group.add_argument("--compile", action="store_true", default=None, help="run the model through torch.compile")
     group.add_argument("--devices", type=int, help="devices per node; more than 1 trains with DDP (default 1)")
-    group.add_argument("--num-nodes", type=int, help="machines taking part in DDP (default 1)")
+    group.add_argument("--num-nodes", type=int,
+                       help="machines taking part in DDP (default 1); start each with torchrun, srun, or MASTER_ADDR, "
+                            "MASTER_PORT and its own NODE_RANK, and the same --run-name")
     group.add_argument("--accelerator", choices=ACCELERATORS, help="device kind (default auto)")
     group.add_argument("--deterministic", action="store_true", default=None,
                        help="torch deterministic algorithms: identical losses for identical seeds")
@@ -42,9 +44,12 @@ def get_config(preset: str | None = None) -> dict[str, Any]:
 def resolve(values: dict[str, Any]) -> dict[str, Any]:
     """Fill the derived values (lr, img_size, drop path, run folder) and check every flag; raises ConfigError."""
     launcher_run_name = os.environ.get(RUN_NAME_ENV)
+    launched = launched_processes()
     if launcher_run_name and not is_main_process():
         # Rank 0 may have picked a timestamp a second earlier than this process would.
         values = dict(values, run_name=launcher_run_name)
+    elif (values.get("num_nodes") or 1) > 1 or (launched is not None and launched[0] > 1):
+        run_config.require_run_name(values, "several nodes or processes started by torchrun or srun")
     config = dict(STACK_DEFAULTS, **run_config.resolve(values, STACK))
     _check(config)
     return config
@@ -52,9 +57,28 @@ def resolve(values: dict[str, Any]) -> dict[str, Any]:
 
 def is_main_process() -> bool:
     """Global rank 0, read from the launcher's environment (it holds before any Trainer exists)."""
-    if "RANK" in os.environ:
+    if "RANK" in os.environ:  # torchrun
         return int(os.environ["RANK"]) == 0
+    if _srun_launched():
+        return int(os.environ.get("SLURM_PROCID", 0)) == 0
     return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
+
+
+def launched_processes() -> tuple[int, str] | None:
+    """(process count, the variable giving it) when a launcher outside Lightning started the processes: torchrun's
+    or a hand-set WORLD_SIZE, srun's SLURM_NTASKS; None when Lightning starts them itself (one node, --devices N)."""
+    if os.environ.get(RUN_NAME_ENV):  # a process Lightning's own launcher started, from rank 0's environment
+        return None
+    if os.environ.get("WORLD_SIZE", "").isdigit():
+        return int(os.environ["WORLD_SIZE"]), "WORLD_SIZE"
+    if _srun_launched() and os.environ["SLURM_NTASKS"].isdigit():
+        return int(os.environ["SLURM_NTASKS"]), "SLURM_NTASKS"
+    return None
+
+
+def _srun_launched() -> bool:
+    # Lightning's own test (SLURMEnvironment.detect): srun's tasks, unless the job is named for interactive use.
+    return "SLURM_NTASKS" in os.environ and os.environ.get("SLURM_JOB_NAME") not in ("bash", "interactive")
 
 
 def _check(config: dict[str, Any]) -> None:
@@ -70,6 +94,15 @@ def _check(config: dict[str, Any]) -> None:
         if not torch.cuda.is_available():
             raise ConfigError("--accelerator gpu: no CUDA device is visible; use --accelerator cpu")
     world = config["devices"] * config["num_nodes"]
+    launched = launched_processes()
+    if launched is not None and launched[0] != world:
+        raise ConfigError(f"--devices {config['devices']} x --num-nodes {config['num_nodes']} must equal the "
+                          f"{launched[0]} processes the launcher started ({launched[1]}); give every node the same "
+                          "--num-nodes and --devices per node")
+    node_rank = int(os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", 0)))
+    if node_rank >= config["num_nodes"]:
+        raise ConfigError(f"--num-nodes {config['num_nodes']}: this node has NODE_RANK {node_rank}; give every node "
+                          "the same --num-nodes N and its own NODE_RANK 0..N-1")
     if config["batch_size"] % world:
         raise ConfigError(f"--batch-size {config['batch_size']} must divide evenly over {world} processes "
                           "(--devices x --num-nodes)")
