@@ -211,6 +211,12 @@ class _QuietOrbaxFailures(logging.Filter):
         return record.levelno < logging.ERROR
 
 
+# After a failed save, Orbax's own threads may still hold a coroutine of the aborted TensorStore write, collected
+# later (at exit, seen in about one failed run in four), whose "never awaited" warning would add lines to the one-line
+# error; only that warning, naming that write, is dropped.
+warnings.filterwarnings("ignore", message="coroutine '.*write_fragment' was never awaited", category=RuntimeWarning)
+
+
 class _DropClosedLoopErrors:
     """An unraisable hook that drops one error only: after a failed asynchronous save, TensorStore still completes
     futures into Orbax's closed event loop, and each "Event loop is closed" is reported as unraisable with a
@@ -410,6 +416,4 @@ def _collect_unawaited(error: BaseException) -> None:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
         gc.collect()
-    # Orbax's own threads may still hold one of that write's coroutines, collected later (at exit, seen in about one
-    # run in four): its warning names the aborted TensorStore write, and only that warning is dropped, for good.
-    warnings.filterwarnings("ignore", message="coroutine '.*write_fragment' was never awaited", category=RuntimeWarning)
+

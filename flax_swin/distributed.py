@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import threading
@@ -24,8 +25,10 @@ _JAX_DEADLINE_MARGIN_S = 30
 def cluster_processes() -> int | None:
     """The process count a cluster launcher announces (SLURM, Open MPI; a TPU pod: its workers), None outside one:
     under one, jax.distributed.initialize finds the coordinator, the count and this process's id itself."""
+    # An interactive SLURM shell (salloc, srun --pty bash) is not a launch: the stacks' shared rule, Lightning's own.
+    slurm_launched = os.environ.get("SLURM_JOB_NAME") not in ("bash", "interactive")
     for name in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
-        if os.environ.get(name, "").isdigit():
+        if os.environ.get(name, "").isdigit() and (name != "SLURM_NTASKS" or slurm_launched):
             return int(os.environ[name])
     if "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
         return len(os.environ["TPU_WORKER_HOSTNAMES"].split(","))
@@ -64,7 +67,7 @@ def settings(values: dict[str, Any]) -> dict[str, Any]:
                           f"(one id per process, 0 hosts the coordinator), got {index!r}")
     timeout = values.get("coordinator_timeout")
     timeout = DEFAULT_TIMEOUT_S if timeout is None else timeout
-    if not timeout > 0:
+    if not (timeout > 0 and math.isfinite(timeout)):
         raise ConfigError(f"--coordinator-timeout must be a positive number of seconds, got {timeout!r}")
     given = [key for key, (value, _) in found.items() if value is not None]
     if given and cluster_processes() is None and not (count == 1 and address is None):
@@ -80,6 +83,8 @@ def is_multi_process(config: Any) -> bool:
     """Whether this process is one of several: the settings (see settings()) or a cluster launcher say so."""
     if config["coordinator_address"] is not None or (config["num_processes"] or 1) > 1:
         return True
+    if config["num_processes"] == 1:  # asked for explicitly: one process, even inside a cluster launch
+        return False
     return (cluster_processes() or 1) > 1
 
 
@@ -112,7 +117,9 @@ def initialize(config: Any, prog: str) -> None:
     try:
         jax.distributed.initialize(address, config["num_processes"], config["process_id"],
                                    initialization_timeout=int(timeout) + _JAX_DEADLINE_MARGIN_S)
-    except (ValueError, TypeError) as error:  # JAX's own checks of what it was given or found
+    # JAX's own checks of what it was given or found, and the coordination service's refusals (a duplicate
+    # --process-id, another --num-processes than process 0's, a JAX computation before initialize).
+    except (ValueError, TypeError, RuntimeError) as error:
         raise ConfigError(f"{where}: jax.distributed.initialize refused the settings ({error})") from None
     finally:
         deadline.cancel()

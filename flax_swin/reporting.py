@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -66,6 +67,7 @@ class EventFile:
         self.file.flush()
 
     def close(self) -> None:
+        """Write everything queued and close the file."""
         self.file.close()
 
 
@@ -184,11 +186,14 @@ class StepProfiler:
         jax.profiler.stop_trace()
         self.active = False
         if complete and self.compiled_step is not None:
-            hlo_text = self.compiled_step()
-            # Beside the trace: what each operation named in ops.json and the trace computes, and where it came from.
-            atomic_write_bytes(self.folder / HLO_FILE, hlo_text.encode())
-            ops, clock = xla_op_times(self.folder, hlo_text, self.last - self.first + 1, since=self.started)
-            op_profile.write_ops(self.folder, stack="flax", steps=(self.first, self.last), clock=clock, ops=ops)
+            try:
+                hlo_text = self.compiled_step()
+                # Beside the trace: what each operation named in ops.json and the trace computes.
+                atomic_write_bytes(self.folder / HLO_FILE, hlo_text.encode())
+                ops, clock = xla_op_times(self.folder, hlo_text, self.last - self.first + 1, since=self.started)
+                op_profile.write_ops(self.folder, stack="flax", steps=(self.first, self.last), clock=clock, ops=ops)
+            except Exception as error:  # the trace is written; a summary that fails must not end the training run
+                warnings.warn(f"{self.folder}: no {op_profile.OPS_FILE} from the trace ({error})", stacklevel=2)
 
 
 def xla_op_times(folder: Path, hlo_text: str, steps: int, since: float = 0.0) -> tuple[list[op_profile.OpTime], str]:
@@ -196,7 +201,7 @@ def xla_op_times(folder: Path, hlo_text: str, steps: int, since: float = 0.0) ->
     `folder` (written after `since`, seconds since the epoch), with its kind; and the clock: 'device' (GPU/TPU
     kernel time) or 'cpu' (thunk time on the host, summed over threads).
 
-    Raises FileNotFoundError when `folder` holds no trace.
+    Raises FileNotFoundError when `folder` holds no trace, and jax.profiler's errors for one it cannot read.
     """
     traces = [path for path in folder.glob("plugins/profile/*/*.xplane.pb") if path.stat().st_mtime >= since - 1]
     if not traces:

@@ -6,6 +6,7 @@ import dataclasses
 import math
 import statistics
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -54,11 +55,12 @@ class TimingAndMetrics(pl.Callback):
     the end of k+1's batch), through a CUDA event on a GPU, so no callback synchronises the device per step.
     A step is read at once where the next thing needs it finished: a step checkpoint, the validation, the
     end of the run. `history` holds one shared_data.run_report entry per validated epoch and travels in the
-    checkpoints; seconds spent saving come from `checkpoint_io`, which every save goes through.
+    checkpoints; seconds spent saving come from `checkpoint_io`, which every save goes through, and seconds spent
+    profiling from `profiler`; both are left out of the step times.
     """
 
     def __init__(self, config: dict[str, Any], num_val_images: int, steps_per_epoch: int, total_steps: int,
-                 checkpoint_io: AtomicCheckpointIO) -> None:
+                 checkpoint_io: AtomicCheckpointIO, profiler: StepProfiler | None = None) -> None:
         self.global_batch_size = config["batch_size"]
         self.step_tags = config["step_timing"] == "on"
         self.every_n_steps = config["checkpoint_every_steps"]
@@ -67,6 +69,8 @@ class TimingAndMetrics(pl.Callback):
         self.total_steps = total_steps
         self.epochs = math.ceil(total_steps / steps_per_epoch)
         self.checkpoint_io = checkpoint_io
+        self.profiler = profiler  # its seconds are left out of the step times, as saving's are
+        self._profiling_seen = 0.0
         self.history: list[dict[str, float]] = []
         self.last_loss: float | None = None  # shown by the progress bar
         self._in_flight: _StepInFlight | None = None
@@ -143,8 +147,10 @@ class TimingAndMetrics(pl.Callback):
         saving = self.checkpoint_io.seconds_saving - self._saving_seen
         fetch = self._fetch_seconds(trainer)
         data_wait = max(fetch - (self._fetch_seen if self._fetch_seen is not None else fetch), 0.0)
-        step_s = max(now - self._last_done - saving, 0.0)
+        profiling = self.profiler.seconds - self._profiling_seen if self.profiler is not None else 0.0
+        step_s = max(now - self._last_done - saving - profiling, 0.0)
         self._last_done, self._saving_seen, self._fetch_seen, self._train_end = now, self.checkpoint_io.seconds_saving, fetch, now
+        self._profiling_seen += profiling
         if not math.isfinite(loss):
             # The loss is the mean over ranks, so every rank sees the same value and stops at the same step.
             raise NonFiniteLossError.at_step(done.step, loss, self.checkpoint_io.last_saved)
@@ -232,17 +238,23 @@ class StepProfiler(pl.Callback):
 
     Lightning's PyTorchProfiler wraps every hook of every step in a record_function, which costs time in the steps it
     does not trace, and counts its schedule in its own calls; this starts and stops torch.profiler at the steps asked.
+    Each traced step is one op_profile.STEP_RANGE range, and ops.json counts only what ran inside those ranges (not
+    a validation or the loading of the next batch between them). `seconds` (host seconds spent starting, stopping and
+    summarising) is left out of the step times by TimingAndMetrics, as the Flax loop leaves it out.
     """
 
     def __init__(self, steps: tuple[int, int] | None, folder: Path) -> None:
         self.first, self.last = steps if steps else (0, -1)
         self.folder = folder
         self.profile: torch.profiler.profile | None = None
+        self.step_range: torch.profiler.record_function | None = None
+        self.seconds = 0.0
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
         # Rank 0 only, as the Flax stack's process 0: the ranks of one machine would share one folder.
         if self.profile is None and trainer.global_step + 1 == self.first and trainer.is_global_zero:
+            started = time.perf_counter()
             on_gpu = trainer.strategy.root_device.type == "cuda"
             activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if on_gpu else [])
             handler = torch.profiler.tensorboard_trace_handler(str(self.folder), worker_name=f"rank{trainer.global_rank}")
@@ -250,37 +262,60 @@ class StepProfiler(pl.Callback):
                 torch.cuda.synchronize()  # earlier steps' kernels are not this trace's
             self.profile = torch.profiler.profile(activities=activities, on_trace_ready=handler)
             self.profile.start()
+            self.seconds += time.perf_counter() - started
+        if self.profile is not None:
+            self.step_range = torch.profiler.record_function(op_profile.STEP_RANGE)
+            self.step_range.__enter__()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if self.profile is not None and trainer.global_step >= self.last:
-            if trainer.strategy.root_device.type == "cuda":
-                torch.cuda.synchronize()  # the traced steps' kernels end inside the trace
-            self._stop(trainer, complete=True)
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._stop(trainer, complete=False)  # the run ended before the last traced step: a partial trace, no ops.json
-
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._stop(trainer, complete=False)
-
-    def _stop(self, trainer: pl.Trainer, complete: bool) -> None:
         if self.profile is None:
             return
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize()  # the step's kernels end inside its range
+        self._end_step_range()
+        if trainer.global_step >= self.last:
+            self._stop(complete=True)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._stop(complete=False)  # the run ended before the last traced step: a partial trace, no ops.json
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._stop(complete=False)
+
+    def _end_step_range(self) -> None:
+        if self.step_range is not None:
+            self.step_range.__exit__(None, None, None)
+            self.step_range = None
+
+    def _stop(self, complete: bool) -> None:
+        if self.profile is None:
+            return
+        started = time.perf_counter()
+        self._end_step_range()
         profile, self.profile = self.profile, None
         profile.stop()
         if complete:
-            ops, clock = torch_op_times(profile, self.last - self.first + 1)
-            op_profile.write_ops(self.folder, stack="lightning", steps=(self.first, self.last), clock=clock, ops=ops)
+            try:
+                ops, clock = torch_op_times(profile, self.last - self.first + 1)
+                op_profile.write_ops(self.folder, stack="lightning", steps=(self.first, self.last), clock=clock, ops=ops)
+            except Exception as error:  # the trace is written; a summary that fails must not end the training run
+                warnings.warn(f"{self.folder}: no {op_profile.OPS_FILE} from the trace ({error})", stacklevel=2)
+        self.seconds += time.perf_counter() - started
 
 
 def torch_op_times(profile: torch.profiler.profile, steps: int) -> tuple[list[op_profile.OpTime], str]:
-    """Self time per step of each operation of a finished torch.profiler trace, with its kind (op_profile), and the
-    clock: 'device' (CUDA kernel time attributed to each op) when the trace has CUDA activity, else 'cpu'."""
+    """Self time per step (seconds) of each operation that started inside an op_profile.STEP_RANGE range of a
+    finished torch.profiler trace, on any thread (autograd's backward threads included), with its kind (op_profile);
+    and the clock: 'device' (CUDA kernel time attributed to each op) when the trace has CUDA activity, else 'cpu'."""
     events = profile.events()
+    windows = [(event.time_range.start, event.time_range.end) for event in events if event.name == op_profile.STEP_RANGE]
     on_device = any(event.self_device_time_total > 0 for event in events)
     rows = []
     for event in events:
+        if event.name == op_profile.STEP_RANGE or not any(start <= event.time_range.start <= end
+                                                            for start, end in windows):
+            continue
         seconds = (event.self_device_time_total if on_device else event.self_cpu_time_total) / 1e6
         ancestors, parent = [], event.cpu_parent
         while parent is not None:

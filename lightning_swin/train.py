@@ -88,7 +88,8 @@ def train_and_evaluate(config: dict[str, Any], workdir: str | os.PathLike,
     if replay:
         event_files.write_points(logger.experiment, replay)
     checkpoint_io = checkpointing.AtomicCheckpointIO()
-    timing = TimingAndMetrics(config, len(data.val), steps_per_epoch, total_steps, checkpoint_io)
+    profiler = StepProfiler(run_config.parse_profile_steps(config["profile_steps"]), run_dir / "profile")
+    timing = TimingAndMetrics(config, len(data.val), steps_per_epoch, total_steps, checkpoint_io, profiler)
     on_cpu = config["accelerator"] == "cpu" or not torch.cuda.is_available()
     # float32 means full float32 in both stacks (README, "On a GPU"): torch's matmuls already are; cuDNN would run
     # the patch-embedding convolution in TF32.
@@ -101,9 +102,7 @@ def train_and_evaluate(config: dict[str, Any], workdir: str | os.PathLike,
         gradient_clip_val=config["grad_clip"] or None, gradient_clip_algorithm="norm",
         deterministic=True if config["deterministic"] else None,
         logger=logger,
-        callbacks=[timing, ValidateAtLastStep(), ProgressBar(timing),
-                   StepProfiler(run_config.parse_profile_steps(config["profile_steps"]), run_dir / "profile"),
-                   *callbacks,
+        callbacks=[timing, ValidateAtLastStep(), ProgressBar(timing), profiler, *callbacks,
                    *checkpointing.checkpoint_callbacks(checkpointing.checkpoint_dir(run_dir), config["keep_checkpoints"],
                                                        config["checkpoint_every_steps"])],
         plugins=[checkpoint_io],

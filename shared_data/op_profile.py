@@ -27,6 +27,8 @@ SCOPE_KINDS = {"attention": ATTENTION, "norm": NORM, "activation": ACTIVATION, "
 
 # The torch.profiler range our LightningModule opens around its forward pass and loss.
 FORWARD_RANGE = "forward"
+# The range the Lightning StepProfiler opens around each traced training step (batch start to batch end).
+STEP_RANGE = "train_step"
 
 # HLO opcodes that only move or replicate data; a fusion of nothing else is a layout change or copy.
 _DATA_MOVEMENT = frozenset({
@@ -209,7 +211,8 @@ def write_ops(folder: str | Path, *, stack: str, steps: tuple[int, int], clock: 
 
 
 def read_ops(folder: str | Path) -> dict[str, Any] | None:
-    """The content of <folder>/ops.json with `ops` as OpTime objects, or None when there is none.
+    """The content of <folder>/ops.json (write_ops: self_s in seconds per step) with `ops` as OpTime objects, or None
+    when there is none.
 
     Raises ValueError naming the file when it is not an ops file.
     """

@@ -179,7 +179,8 @@ def test_hand_written_backward_passes_match_autodiff_of_the_same_functions():
 
 
 def test_backward_pass_keeps_no_more_than_torch_would_for_the_activation_norm_and_softmax():
-    """Autodiff of erf-based GELU, LayerNorm and softmax kept 4, 2 and 2 tensors of their input's shape; ours keep 1."""
+    """Autodiff of jax.nn.gelu and nnx.LayerNorm keeps 3 tensors of the input's shape (softmax, in the model, 2);
+    ours keep 1, as torch's kernels do."""
     # Private: the public jax.ad_checkpoint.print_saved_residuals only prints what this returns.
     from jax._src.ad_checkpoint import saved_residuals
 

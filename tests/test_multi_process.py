@@ -288,11 +288,23 @@ def test_coordinator_settings_come_from_flags_over_jax_variables(monkeypatch):
     assert distributed.is_multi_process(given)
 
 
+def test_one_process_inside_a_cluster_launch_or_an_interactive_slurm_shell_stays_one(monkeypatch):
+    for name in (*distributed.ENVIRONMENT.values(), "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setenv("SLURM_JOB_NAME", "train")
+    assert distributed.is_multi_process(distributed.settings({}))  # srun's tasks
+    assert not distributed.is_multi_process(distributed.settings(dict(num_processes=1)))  # asked for one
+    monkeypatch.setenv("SLURM_JOB_NAME", "bash")  # salloc's shell: Lightning's rule too
+    assert not distributed.is_multi_process(distributed.settings({}))
+
+
 @pytest.mark.parametrize("values, environment, named", [
     (dict(coordinator_address="127.0.0.1"), {}, "--coordinator-address must be HOST:PORT"),
     (dict(coordinator_address="h:1", num_processes=2, process_id=2), {}, "--process-id must be in 0..1"),
     (dict(num_processes=0), {}, "--num-processes must be a positive integer"),
     (dict(coordinator_timeout=0), {}, "--coordinator-timeout must be a positive number"),
+    (dict(coordinator_timeout=float("inf")), {}, "--coordinator-timeout must be a positive number"),
     ({}, dict(JAX_NUM_PROCESSES="two"), "--num-processes (from JAX_NUM_PROCESSES) must be an integer"),
     # The first try: only the coordinator, outside any cluster launcher.
     ({}, dict(JAX_COORDINATOR_ADDRESS="127.0.0.1:34567"),

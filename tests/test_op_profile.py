@@ -120,3 +120,18 @@ def test_damaged_ops_file_is_a_one_line_error_naming_it(tmp_path):
     (tmp_path / op_profile.OPS_FILE).write_text("{not json")
     with pytest.raises(ValueError, match=str(tmp_path / op_profile.OPS_FILE)):
         op_profile.read_ops(tmp_path)
+
+
+def test_lightning_ops_count_only_what_ran_inside_the_traced_steps():
+    import torch
+
+    from lightning_swin.callbacks import torch_op_times
+
+    a = torch.ones(64, 64)
+    with torch.profiler.profile() as profile:
+        torch.mm(a, a)  # outside every step: a validation, or the loading of the next batch
+        with torch.profiler.record_function(op_profile.STEP_RANGE):
+            torch.softmax(a, -1)
+    ops, clock = torch_op_times(profile, 1)
+    names = {op.name for op in ops}
+    assert "aten::_softmax" in names and "aten::mm" not in names and clock == "cpu"
