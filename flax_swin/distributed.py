@@ -8,7 +8,7 @@ import socket
 import threading
 from typing import Any
 
-from shared_data import errors
+from shared_data import environment, errors
 from shared_data.errors import ConfigError
 
 # The variables JAX reads itself (JAX_COORDINATOR_ADDRESS) or that name the other two settings the same way; a
@@ -25,11 +25,10 @@ _JAX_DEADLINE_MARGIN_S = 30
 def cluster_processes() -> int | None:
     """The process count a cluster launcher announces (SLURM, Open MPI; a TPU pod: its workers), None outside one:
     under one, jax.distributed.initialize finds the coordinator, the count and this process's id itself."""
-    # An interactive SLURM shell (salloc, srun --pty bash) is not a launch: the stacks' shared rule, Lightning's own.
-    slurm_launched = os.environ.get("SLURM_JOB_NAME") not in ("bash", "interactive")
-    for name in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
-        if os.environ.get(name, "").isdigit() and (name != "SLURM_NTASKS" or slurm_launched):
-            return int(os.environ[name])
+    if environment.slurm_launched() and os.environ["SLURM_NTASKS"].isdigit():
+        return int(os.environ["SLURM_NTASKS"])
+    if os.environ.get("OMPI_COMM_WORLD_SIZE", "").isdigit():
+        return int(os.environ["OMPI_COMM_WORLD_SIZE"])
     if "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
         return len(os.environ["TPU_WORKER_HOSTNAMES"].split(","))
     return None

@@ -1,4 +1,4 @@
-"""Where a run ran: host peak memory, the device string, library versions."""
+"""Where a run ran: host peak memory, the device string, library versions, the machine load, a SLURM launch."""
 
 from __future__ import annotations
 
@@ -23,6 +23,12 @@ def host_peak_mb() -> float:
 def machine_load_text() -> str:
     """'load average 0.52 / 0.61 / 0.70 on 2 cores': the 1, 5 and 15-minute load, for every printed figure."""
     return f"load average {' / '.join(f'{load:.2f}' for load in os.getloadavg())} on {os.cpu_count()} cores"
+
+
+def slurm_launched() -> bool:
+    """Whether srun started this process as one of a job's tasks: SLURM_NTASKS is set and the job is not named for
+    interactive use (salloc's or `srun --pty bash`'s shell), Lightning's own test (SLURMEnvironment.detect)."""
+    return "SLURM_NTASKS" in os.environ and os.environ.get("SLURM_JOB_NAME") not in ("bash", "interactive")
 
 
 def cpu_description() -> str:

@@ -6,7 +6,7 @@ import argparse
 import os
 from typing import Any
 
-from shared_data import run_config
+from shared_data import environment, run_config
 from shared_data.errors import ConfigError
 
 STACK = "lightning"
@@ -59,7 +59,7 @@ def is_main_process() -> bool:
     """Global rank 0, read from the launcher's environment (it holds before any Trainer exists)."""
     if "RANK" in os.environ:  # torchrun
         return int(os.environ["RANK"]) == 0
-    if _srun_launched():
+    if environment.slurm_launched():
         return int(os.environ.get("SLURM_PROCID", 0)) == 0
     return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
 
@@ -71,14 +71,9 @@ def launched_processes() -> tuple[int, str] | None:
         return None
     if os.environ.get("WORLD_SIZE", "").isdigit():
         return int(os.environ["WORLD_SIZE"]), "WORLD_SIZE"
-    if _srun_launched() and os.environ["SLURM_NTASKS"].isdigit():
+    if environment.slurm_launched() and os.environ["SLURM_NTASKS"].isdigit():
         return int(os.environ["SLURM_NTASKS"]), "SLURM_NTASKS"
     return None
-
-
-def _srun_launched() -> bool:
-    # Lightning's own test (SLURMEnvironment.detect): srun's tasks, unless the job is named for interactive use.
-    return "SLURM_NTASKS" in os.environ and os.environ.get("SLURM_JOB_NAME") not in ("bash", "interactive")
 
 
 def _check(config: dict[str, Any]) -> None:
