@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import errno
 import functools
-import gc
 import json
 import logging
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -20,13 +20,13 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 from flax_swin import distributed
-from shared_data import checksums
+from shared_data import checkpoint_folder, checksums, errors
+from shared_data.checkpoint_folder import checkpoint_dir
 from shared_data.errors import CheckpointDamagedError, CheckpointError, CheckpointSaveError
 from shared_data.retention import CheckpointInfo, kept_steps
 from shared_data.trash_safe import remove_path, tree_size
 
-KIND = "flax"
-CHECKPOINTS_SUBDIR = "checkpoints"
+STACK = "flax"
 STATE_ITEM = "state"  # the TrainState pytree: step, params, optimiser state
 META_ITEM = "meta"  # JSON: step, epoch, position in the epoch, val accuracy, epoch history
 VAL_ACCURACY_METRIC = "val_accuracy"
@@ -38,12 +38,6 @@ _COMPLETE_MARKER = "_CHECKPOINT_METADATA"
 RETIRED_SUBDIR = ".retired"
 # Orbax stamps the commit time into this file of the step folder after our checksums are written: not summed.
 _STAMPED_AT_COMMIT = (_COMPLETE_MARKER,)
-
-log = logging.getLogger(__name__)
-
-
-def checkpoint_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / CHECKPOINTS_SUBDIR
 
 
 def _read_meta(step_dir: Path) -> dict[str, Any] | None:
@@ -70,15 +64,14 @@ def list_checkpoints(run_dir: str | Path) -> list[CheckpointInfo]:
         meta = _read_meta(path) or {}
         infos.append(CheckpointInfo(
             path=path, step=int(path.name), epoch=meta.get("epoch"), val_accuracy=meta.get(VAL_ACCURACY_METRIC),
-            bytes=tree_size(path), complete=_is_complete(path), stack=KIND,
+            bytes=tree_size(path), complete=_is_complete(path), stack=STACK,
         ))
     return sorted(infos, key=lambda info: info.step)
 
 
 def leftovers(run_dir: str | Path) -> list[Path]:
-    """Partial saves, half-deleted step folders and temporary files a killed run left behind (safe to delete)."""
-    run_dir = Path(run_dir)
-    found: list[Path] = []
+    """Partial saves, half-deleted step folders and unfinished file writes a killed run left behind (safe to delete)."""
+    found: list[Path] = checkpoint_folder.unfinished_writes(run_dir)
     folder = checkpoint_dir(run_dir)
     if folder.is_dir():
         found += [path for path in folder.iterdir() if ORBAX_TMP_MARKER in path.name or path.name == RETIRED_SUBDIR]
@@ -88,9 +81,6 @@ def leftovers(run_dir: str | Path) -> list[Path]:
                     found.append(step_dir)  # a deletion cut short (Orbax renames complete saves into place)
                 else:
                     found += [path for path in step_dir.iterdir() if ORBAX_TMP_MARKER in path.name]
-    if run_dir.is_dir():
-        # shared_data.trash_safe.atomic_write_bytes stages files as ".<name>.<random>.tmp".
-        found += [path for path in run_dir.iterdir() if path.name.startswith(".") and path.name.endswith(".tmp")]
     return sorted(found)
 
 
@@ -100,13 +90,9 @@ def remove_step_dir(path: Path) -> None:
     remove_path(path)
 
 
-def remove_leftovers(run_dir: str | Path) -> list[Path]:
-    """Delete (trash-safely) what leftovers() finds and return it."""
-    found = leftovers(run_dir)
-    for path in found:
-        log.warning("removing partial save %s left by an interrupted run", path)
-        remove_path(path)
-    return found
+def clean_leftovers(run_dir: str | Path, announce: bool = True) -> list[Path]:
+    """Delete (trash-safely) what leftovers() finds, each named in a warning when `announce`; return it."""
+    return checkpoint_folder.remove_leftovers(leftovers(run_dir), announce=announce)
 
 
 def verify_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -145,11 +131,6 @@ def read_state(path: str | Path) -> Any:
         handler.close()
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0][:200] if text else ""
-
-
 @dataclasses.dataclass
 class BestAndLatest(checkpoint_managers.PreservationPolicy):
     """Orbax's side of shared_data.retention.kept_steps: the latest checkpoint and the keep-1 best by val accuracy.
@@ -178,18 +159,6 @@ def retention_policy(keep: int, directory: Path) -> checkpoint_managers.Preserva
     return BestAndLatest(directory=directory, keep=keep)
 
 
-def _is_disk_full(error: BaseException) -> bool:
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-            return True
-        if "No space left on device" in str(error):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
-
-
 def _shapes_by_key(tree: Any) -> dict[str, tuple[int, ...]]:
     """Every array of a state tree (or of Orbax's metadata of one) by its key path, e.g. "opt_state/1/0/mu/w"."""
     # Orbax's metadata holds dicts and lists where the state has dataclasses and named tuples: name keys alike.
@@ -200,39 +169,81 @@ def _shapes_by_key(tree: Any) -> dict[str, tuple[int, ...]]:
             for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-class _QuietOrbaxFailures(logging.Filter):
-    """Drops Orbax's error records and the tracebacks of its other records: every save or restore that fails
-    reaches the user as our one-line CheckpointSaveError or CheckpointError instead."""
+class OrbaxFailureOutput(logging.Filter):
+    """The one context manager the Flax stack needs around a library: while it is open, what Orbax and TensorStore
+    print of an asynchronous save that failed is held back, because the Checkpointer raises that failure itself, in
+    one line (CheckpointSaveError). Used for a Checkpointer's life; nothing outside it is touched.
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        if "orbax" not in record.pathname:
-            return True
-        record.exc_info, record.exc_text, record.stack_info = None, None, None
-        return record.levelno < logging.ERROR
+    Why a context manager and not a fix where it happens: Orbax logs a failure in its background threads with a
+    traceback (absl, `logging.exception` in its _SignalingThread.run) before wait_until_finished raises it to us,
+    and offers no option not to; and the save's other background threads go on writing after the failure, so
+    TensorStore completes their futures into the event loop the failed thread has closed, each reported as an
+    unraisable "Event loop is closed" (a few hundred for a model's arrays). No public API awaits those threads.
 
+    What it holds, and nothing else: Orbax's own records at ERROR or above (released, in order, once a save
+    finishes well: they were not about a failure we report; dropped from the first failure on, since the run stops
+    with it), unraisable RuntimeErrors saying "Event loop is closed", and, after a failure, the warnings that the failed
+    save's unawaited write coroutines were never awaited. `failed()` waits (bounded) for the failed
+    save's remaining Orbax threads, so that their output comes while this is open, not at the process's exit.
+    """
 
-# After a failed save, Orbax's own threads may still hold a coroutine of the aborted TensorStore write, collected
-# later (at exit, seen in about one failed run in four), whose "never awaited" warning would add lines to the one-line
-# error; only that warning, naming that write, is dropped.
-warnings.filterwarnings("ignore", message="coroutine '.*write_fragment' was never awaited", category=RuntimeWarning)
-
-
-class _DropClosedLoopErrors:
-    """An unraisable hook that drops one error only: after a failed asynchronous save, TensorStore still completes
-    futures into Orbax's closed event loop, and each "Event loop is closed" is reported as unraisable with a
-    traceback, before and after the failure reaches us. Installed for a Checkpointer's lifetime."""
+    LEFTOVER_WAIT_S = 30.0
 
     def __init__(self) -> None:
-        self.previous = sys.unraisablehook
+        super().__init__()
+        self.held: list[logging.LogRecord] = []
+        self._releasing = False
+        self._failure_told = False  # a failure was raised as CheckpointSaveError: what Orbax says next is about it
+        self._previous_hook = sys.unraisablehook
 
-    def __call__(self, unraisable: Any) -> None:
+    def __enter__(self) -> "OrbaxFailureOutput":
+        logging.getLogger("absl").addFilter(self)  # absl.logging, which Orbax logs through, uses this logger
+        self._previous_hook, sys.unraisablehook = sys.unraisablehook, self._unraisable
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.saved()
+        logging.getLogger("absl").removeFilter(self)
+        if sys.unraisablehook == self._unraisable:
+            sys.unraisablehook = self._previous_hook
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self._releasing or record.levelno < logging.ERROR or "orbax" not in record.pathname:
+            return True
+        self.held.append(record)
+        return False
+
+    def _unraisable(self, unraisable: Any) -> None:
         value = unraisable.exc_value
         if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
-            self.previous(unraisable)
+            self._previous_hook(unraisable)
 
-    def uninstall(self) -> None:
-        if sys.unraisablehook is self:
-            sys.unraisablehook = self.previous
+    def saved(self) -> None:
+        """The saves so far finished well: let the records held back meanwhile through (unless a failure was told)."""
+        held, self.held = ([] if self._failure_told else self.held), []
+        self._releasing = True
+        try:
+            for record in held:
+                logging.getLogger(record.name).handle(record)
+        finally:
+            self._releasing = False
+
+    def failed(self) -> None:
+        """A save failed and is reported as one line: drop what Orbax logged of it, after waiting for the save's
+        remaining Orbax threads (found by their class's module: Orbax gives no handle on them) to finish."""
+        self._failure_told = True
+        deadline = time.monotonic() + self.LEFTOVER_WAIT_S
+        leftovers = [thread for thread in threading.enumerate()
+                     if type(thread).__module__.startswith("orbax.") and thread is not threading.current_thread()]
+        # Polled, not joined: Orbax's threads override join() to raise the exception they ended with.
+        while any(thread.is_alive() for thread in leftovers) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.held = []
+        # The failed save's unfinished writes are coroutines nobody awaits any more; Python warns of each when it is
+        # collected, often at the process's exit, after this has closed. Only after a failure we report, and only
+        # those coroutines: one filter, for the rest of a process that is stopping.
+        warnings.filterwarnings("ignore", message=r"coroutine 'async_serialize_from_host\.<locals>\.write_fragment' "
+                                r"was never awaited", category=RuntimeWarning)
 
 
 class Checkpointer:
@@ -246,17 +257,18 @@ class Checkpointer:
     def __init__(self, run_dir: str | Path, keep: int) -> None:
         self.directory = checkpoint_dir(run_dir).absolute()
         if jax.process_index() == 0:
-            remove_leftovers(run_dir)
+            clean_leftovers(run_dir)
             self.directory.mkdir(parents=True, exist_ok=True)
         distributed.sync("checkpoint leftovers removed")  # before any process's manager lists the folder
         self._pending: int | None = None  # the step of the save in flight
         self._failed = False  # a save failed and was reported: Orbax raising it again at close() is not news
+        self._orbax_output = OrbaxFailureOutput().__enter__()  # left in close()
         options = ocp.CheckpointManagerOptions(
             preservation_policy=retention_policy(keep, self.directory),
             enable_async_checkpointing=True,
             # Runs in Orbax's background thread (process 0) after the last file is written, before the commit rename.
             async_options=ocp.AsyncOptions(post_finalization_callback=self._sum_pending_save),
-            # Left False: Orbax would rmtree them itself; remove_leftovers() did it trash-safely above.
+            # Left False: Orbax would rmtree them itself; clean_leftovers() did it trash-safely above.
             cleanup_tmp_directories=False,
             # Retired checkpoints are only renamed by Orbax; empty_retired() deletes them trash-safely.
             todelete_subdir=RETIRED_SUBDIR,
@@ -265,12 +277,6 @@ class Checkpointer:
         # Handlers named up front, so a checkpoint's tree can be read (item_metadata) before anything is restored.
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
             STATE_ITEM: ocp.StandardCheckpointHandler(), META_ITEM: ocp.JsonCheckpointHandler()})
-        # Orbax logs a save that fails in its background thread with tracebacks through absl, then raises it to us;
-        # while this checkpointer lives, the failure is said once, by us.
-        self._log_filter = _QuietOrbaxFailures()
-        logging.getLogger("absl").addFilter(self._log_filter)
-        self._unraisable_hook = _DropClosedLoopErrors()
-        sys.unraisablehook = self._unraisable_hook
 
     def _partial_saves(self, step: int | None) -> list[Path]:
         return sorted(self.directory.glob(f"{step}{ORBAX_TMP_MARKER}*"))
@@ -283,9 +289,6 @@ class Checkpointer:
         """Delete the checkpoints Orbax has retired so far, every file emptied first (process 0 only)."""
         if jax.process_index() == 0:
             remove_path(self.directory / RETIRED_SUBDIR)
-
-    def latest_step(self) -> int | None:
-        return self._manager.latest_step()
 
     def save(self, step: int, state: Any, meta: dict[str, Any], val_accuracy: float | None) -> float:
         """Start an asynchronous save; return the seconds the caller was blocked (waiting for the previous included).
@@ -319,25 +322,20 @@ class Checkpointer:
         except Exception as error:
             self._save_failed(error)
         self._pending = None
+        self._orbax_output.saved()
         self.empty_retired()
 
     def _save_failed(self, error: BaseException) -> NoReturn:
         """Remove what the failed save of the pending step wrote (every file emptied first), then raise its error."""
         step, self._pending, self._failed = self._pending, None, True
-        _collect_unawaited(error)
+        self._orbax_output.failed()
         if jax.process_index() == 0:
             for partial in self._partial_saves(step):
                 try:
                     remove_path(partial)
-                except OSError:  # still being written to: the next start removes it (remove_leftovers)
+                except OSError:  # still being written to: the next start removes it (clean_leftovers)
                     pass
-        if _is_disk_full(error):
-            raise CheckpointSaveError(
-                f"disk full while saving the checkpoint of step {step} in {self.directory}: free space there or lower "
-                "--keep-checkpoints, then --resume; the previous complete checkpoint is intact"
-            ) from None
-        raise CheckpointSaveError(f"saving the checkpoint of step {step} in {self.directory} failed "
-                                  f"({_first_line(error)}); the previous complete checkpoint is intact") from None
+        raise CheckpointSaveError.at_step(step, self.directory, error) from None
 
     def restore_latest(self, abstract_state: Any) -> tuple[Any, dict[str, Any]] | None:
         """Restore the newest checkpoint that is not damaged into `abstract_state`'s shapes and shardings; None when
@@ -356,7 +354,7 @@ class Checkpointer:
                 restored = checksums.read_with_retries(functools.partial(self._restore, step, abstract_state))
             except CheckpointDamagedError as error:
                 if jax.process_index() == 0:
-                    print(f"warning: skipping damaged checkpoint: {error}", flush=True)
+                    errors.warn(f"skipping damaged checkpoint: {error}")
                 damaged.append(path)
                 continue
             except CheckpointError:
@@ -399,21 +397,5 @@ class Checkpointer:
             except Exception:  # Orbax raises a failed save again on closing; it was raised above, or before
                 pass
             finally:
-                logging.getLogger("absl").removeFilter(self._log_filter)
-                self._unraisable_hook.uninstall()
+                self._orbax_output.__exit__(None, None, None)
         self.empty_retired()
-
-
-def _collect_unawaited(error: BaseException) -> None:
-    """Drop the tracebacks of a failed save's error and of those it came from: their frames hold the coroutines an
-    aborted TensorStore write never awaited, each of which would otherwise print a traceback or a warning when
-    collected at exit. Collect them now, without the "never awaited" warning."""
-    seen: set[int] = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        error.__traceback__ = None
-        error = error.__cause__ or error.__context__
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
-        gc.collect()
-

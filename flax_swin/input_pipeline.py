@@ -25,13 +25,13 @@ def _prefetch(num_workers: int) -> int:
     return max(2, 2 * num_workers)
 
 
-def train_batches(split: Any, *, seed: int, epoch: int, first: int, last: int, batch_size: int, img_size: int,
-                  num_workers: int, augment: Augmentation | None = None) -> BatchLoader:
-    """Training batches `first`..`last - 1` of `epoch` (0-based), in order: (images uint8 [b, S, S, 3],
-    labels int32 [b]) with b = batch_size / processes, or with `augment` (images float32, labels, soft targets);
-    a pure function of (seed, epoch, index), see batches.py."""
-    fn = functools.partial(_train_batch, split, seed, epoch, batch_size, img_size, augment)
-    return BatchLoader(fn, range(first, last), num_workers, prefetch=_prefetch(num_workers))
+def train_batches(split: Any, config: Any, epoch: int, first: int, last: int,
+                  augment: Augmentation | None = None) -> BatchLoader:
+    """Training batches `first`..`last - 1` of `epoch` (0-based) at `config`'s seed, global batch size, image size and
+    loader workers, in order: (images uint8 [b, S, S, 3], labels int32 [b]) with b = batch_size / processes, or with
+    `augment` (images float32, labels, soft targets); a pure function of (seed, epoch, index), see batches.py."""
+    fn = functools.partial(_train_batch, split, config.seed, epoch, config.batch_size, config.img_size, augment)
+    return BatchLoader(fn, range(first, last), config.num_workers, prefetch=_prefetch(config.num_workers))
 
 
 def _train_batch(split: Any, seed: int, epoch: int, batch_size: int, img_size: int, augment: Augmentation | None,
@@ -40,12 +40,13 @@ def _train_batch(split: Any, seed: int, epoch: int, batch_size: int, img_size: i
                                augment=augment, **_shard())
 
 
-def val_batches(split: Any, *, batch_size: int, img_size: int, num_workers: int) -> BatchLoader:
-    """Every validation batch, in order: (images uint8, labels int32, mask float32 [b]); the last is padded
-    with mask 0, so every image counts exactly once and the eval step never recompiles."""
-    fn = functools.partial(_val_batch, split, batch_size, img_size)
-    steps = batches.val_steps(len(split.labels), batch_size)
-    return BatchLoader(fn, range(steps), num_workers, prefetch=_prefetch(num_workers))
+def val_batches(split: Any, config: Any) -> BatchLoader:
+    """Every validation batch at `config`'s global batch size and image size, in order: (images uint8, labels int32,
+    mask float32 [b]); the last is padded with mask 0, so every image counts exactly once and the eval step never
+    recompiles."""
+    fn = functools.partial(_val_batch, split, config.batch_size, config.img_size)
+    steps = batches.val_steps(len(split.labels), config.batch_size)
+    return BatchLoader(fn, range(steps), config.num_workers, prefetch=_prefetch(config.num_workers))
 
 
 def _val_batch(split: Any, batch_size: int, img_size: int, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -70,3 +71,16 @@ def normalize_images(images: jax.Array) -> jax.Array:
     std = jnp.asarray(STD, jnp.float32)
     return (images.astype(jnp.float32) / 255.0 - mean) / std
 
+
+
+def train_batch_spec(batch_size: int, img_size: int, num_classes: int, augmented: bool,
+                     sharding: NamedSharding) -> tuple[jax.ShapeDtypeStruct, ...]:
+    """The shapes, dtypes and sharding of one global training batch as the train step takes it: images uint8
+    [B, S, S, 3] and labels int32 [B], or with the official augmentation images float32, labels and soft targets
+    float32 [B, num_classes] (shared_data.batches, shared_data.augment)."""
+    images = jax.ShapeDtypeStruct((batch_size, img_size, img_size, 3), jnp.float32 if augmented else jnp.uint8,
+                                  sharding=sharding)
+    labels = jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=sharding)
+    if not augmented:
+        return images, labels
+    return images, labels, jax.ShapeDtypeStruct((batch_size, num_classes), jnp.float32, sharding=sharding)

@@ -40,14 +40,15 @@ def window_reverse(windows: jax.Array, window: int, height: int, width: int) -> 
 
 
 @functools.lru_cache(maxsize=None)
-def relative_coords_table(window: int, pretrained_window: int = 0) -> np.ndarray:
-    """Log-spaced relative (dy, dx) of every offset in a window: [(2w-1)^2, 2] float32, the cpb_mlp input."""
-    offsets = np.arange(-(window - 1), window, dtype=np.float32)
+def relative_coords_table(window: int, pretrained_window: int = 0, dtype: Any = np.float32) -> np.ndarray:
+    """Log-spaced relative (dy, dx) of every offset in a window: [(2w-1)^2, 2] in `dtype` (float32 as the official
+    code; float64 for a float64 model), the cpb_mlp input."""
+    offsets = np.arange(-(window - 1), window, dtype=dtype)
     table = np.stack(np.meshgrid(offsets, offsets, indexing="ij"), axis=-1).reshape(-1, 2)
     span = (pretrained_window if pretrained_window > 0 else window) - 1
     # A 1x1 window has only the zero offset; dividing by 1 keeps it 0 where the official code gives 0/0.
-    table = table / np.float32(max(span, 1)) * np.float32(8.0)
-    table = (np.sign(table) * np.log2(np.abs(table) + np.float32(1.0)) / np.float32(math.log2(8.0))).astype(np.float32)
+    table = table / dtype(max(span, 1)) * dtype(8.0)
+    table = (np.sign(table) * np.log2(np.abs(table) + dtype(1.0)) / dtype(math.log2(8.0))).astype(dtype)
     table.setflags(write=False)
     return table
 
@@ -84,20 +85,27 @@ def shifted_window_mask(resolution: int, window: int, shift: int) -> np.ndarray:
 # Layers
 
 
+def _at_least_float32(dtype: Any) -> Any:
+    """The dtype of parameters and of every upcast: float32 for bf16 (or float32), float64 for float64, never down."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def _linear(
     in_features: int, out_features: int, *, use_bias: bool = True, dtype: Any, rngs: nnx.Rngs
 ) -> nnx.Linear:
-    """A Linear with the official init (truncated normal 0.02, zero bias) and float32 parameters."""
+    """A Linear computing in `dtype` with the official init (truncated normal 0.02, zero bias) and parameters in
+    at least float32."""
     return nnx.Linear(
         in_features, out_features, use_bias=use_bias, kernel_init=_TRUNC_NORMAL_002,
-        bias_init=nnx.initializers.zeros_init(), dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
+        bias_init=nnx.initializers.zeros_init(), dtype=dtype, param_dtype=_at_least_float32(dtype), rngs=rngs,
     )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float) -> jax.Array:
-    """(x - mean) * rsqrt(var + epsilon) * scale + bias over the last axis of x [..., C], in float32, returned in
-    x's dtype (two-pass variance, as torch).
+    """(x - mean) * rsqrt(var + epsilon) * scale + bias over the last axis of x [..., C], computed and returned in
+    at least float32 (a bf16 x gives float32, as bf16 training is defined in shared_data.tags), with the two-pass
+    variance, as torch.
 
     Its backward saves what torch's does (x, mean, 1/std), not every intermediate: at the origin's setting
     (tiny, 256 px, batch 32) autodiff of the same arithmetic kept about 1.6 GB more for the backward pass.
@@ -106,21 +114,23 @@ def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float) 
 
 
 def _layer_norm_forward(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float):
-    x32 = x.astype(jnp.float32)
-    mean = x32.mean(-1, keepdims=True)
-    centred = x32 - mean
+    compute = _at_least_float32(x.dtype)
+    wide = x.astype(compute)
+    mean = wide.mean(-1, keepdims=True)
+    centred = wide - mean
     rstd = jax.lax.rsqrt(jnp.square(centred).mean(-1, keepdims=True) + epsilon)
     # torch's order, (x - mean) * rstd * scale: nnx's rstd * scale first made XLA write that [..., C] product out.
-    y = (centred * rstd) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
-    return y.astype(x.dtype), (x, mean, rstd, scale, bias)
+    y = (centred * rstd) * scale.astype(compute) + bias.astype(compute)
+    return y, (x, mean, rstd, scale, bias)
 
 
 def _layer_norm_backward(epsilon: float, saved: tuple, grad: jax.Array):
     x, mean, rstd, scale, bias = saved
-    normalized = (x.astype(jnp.float32) - mean) * rstd
-    grad = grad.astype(jnp.float32)
+    compute = mean.dtype
+    normalized = (x.astype(compute) - mean) * rstd
+    grad = grad.astype(compute)
     batch_axes = tuple(range(grad.ndim - 1))
-    grad_normalized = grad * scale.astype(jnp.float32)
+    grad_normalized = grad * scale.astype(compute)
     # d/dx of (x - mean) / std: the gradient less its mean and its projection on the normalized input, over std.
     grad_x = rstd * (grad_normalized - grad_normalized.mean(-1, keepdims=True)
                      - normalized * (grad_normalized * normalized).mean(-1, keepdims=True))
@@ -133,20 +143,21 @@ layer_norm.defvjp(_layer_norm_forward, _layer_norm_backward)
 
 class LayerNorm(nnx.LayerNorm):
     """nnx.LayerNorm (its parameters, their names) computed by layer_norm, under the named scope "norm", which tells
-    its operations apart in profiles (shared_data.op_profile). Normalizes the last axis, with scale and bias."""
+    its operations apart in profiles (shared_data.op_profile). Normalizes the last axis, with scale and bias; its
+    statistics and output are in at least float32 whatever the input (what PyTorch's autocast does on a GPU)."""
 
     def __call__(self, x: jax.Array, **kwargs: Any) -> jax.Array:
         with jax.named_scope("norm"):
-            y = layer_norm(x, self.scale[...], self.bias[...], self.epsilon)
-            return y.astype(self.dtype) if self.dtype is not None else y
+            return layer_norm(x, self.scale[...], self.bias[...], self.epsilon)
 
 
 def _layer_norm(features: int, *, dtype: Any, rngs: nnx.Rngs, zero: bool = False) -> LayerNorm:
-    """torch-equivalent LayerNorm: eps 1e-5 and the two-pass variance (the fast one loses float32 digits)."""
+    """torch-equivalent LayerNorm: eps 1e-5 and the two-pass variance (the fast one loses float32 digits), in at least
+    float32 for a model of `dtype`."""
     init = nnx.initializers.zeros_init() if zero else nnx.initializers.ones_init()
     return LayerNorm(
         features, epsilon=LAYER_NORM_EPS, use_fast_variance=False, scale_init=init,
-        dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
+        dtype=_at_least_float32(dtype), param_dtype=_at_least_float32(dtype), rngs=rngs,
     )
 
 
@@ -158,8 +169,8 @@ _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 def gelu(x: jax.Array) -> jax.Array:
     """Exact GELU, x * Phi(x) (jax.nn.gelu(approximate=False)), with torch's backward: autodiff of it keeps three
     tensors of the MLP's widest shape for the backward pass, where torch keeps x alone and recomputes (1.8 GB more
-    at tiny, 256 px, batch 32)."""
-    return jax.nn.gelu(x, approximate=False)
+    at tiny, 256 px, batch 32). Computed in at least float32 and returned in x's dtype, as torch's kernels do."""
+    return jax.nn.gelu(x.astype(_at_least_float32(x.dtype)), approximate=False).astype(x.dtype)
 
 
 def _gelu_forward(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -168,10 +179,11 @@ def _gelu_forward(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def _gelu_backward(x: jax.Array, grad: jax.Array) -> tuple[jax.Array]:
     # d/dx = Phi(x) + x * phi(x), phi the standard normal density (torch's gelu_backward).
-    x32 = x.astype(jnp.float32)
-    cdf = 0.5 * (1.0 + jax.lax.erf(x32 * _SQRT_HALF))
-    pdf = jnp.exp(-0.5 * x32 * x32) * _INV_SQRT_2PI
-    return ((grad.astype(jnp.float32) * (cdf + x32 * pdf)).astype(grad.dtype),)
+    compute = _at_least_float32(x.dtype)
+    wide = x.astype(compute)
+    cdf = 0.5 * (1.0 + jax.lax.erf(wide * _SQRT_HALF))
+    pdf = jnp.exp(-0.5 * wide * wide) * _INV_SQRT_2PI
+    return ((grad.astype(compute) * (cdf + wide * pdf)).astype(grad.dtype),)
 
 
 gelu.defvjp(_gelu_forward, _gelu_backward)
@@ -251,30 +263,33 @@ class WindowAttention(nnx.Module):
         self.pretrained_window_size = pretrained_window_size
         self.num_heads = num_heads
         self.dtype = dtype
-        self.logit_scale = nnx.Param(jnp.full((num_heads, 1, 1), math.log(10.0), dtype=jnp.float32))
+        wide = _at_least_float32(dtype)  # the parameters', the position bias's and the attention logits' dtype
+        self.logit_scale = nnx.Param(jnp.full((num_heads, 1, 1), math.log(10.0), dtype=wide))
         self.cpb_mlp = nnx.Sequential(
-            _linear(2, 512, dtype=jnp.float32, rngs=rngs),
+            _linear(2, 512, dtype=wide, rngs=rngs),
             nnx.relu,
-            _linear(512, num_heads, use_bias=False, dtype=jnp.float32, rngs=rngs),
+            _linear(512, num_heads, use_bias=False, dtype=wide, rngs=rngs),
         )
         self.qkv = _linear(dim, dim * 3, use_bias=False, dtype=dtype, rngs=rngs)
         # Official V2 learns q and v biases only; the key bias is fixed at zero.
-        self.q_bias = nnx.Param(jnp.zeros((dim,), jnp.float32)) if qkv_bias else None
-        self.v_bias = nnx.Param(jnp.zeros((dim,), jnp.float32)) if qkv_bias else None
+        self.q_bias = nnx.Param(jnp.zeros((dim,), wide)) if qkv_bias else None
+        self.v_bias = nnx.Param(jnp.zeros((dim,), wide)) if qkv_bias else None
         self.attn_drop = Dropout(attn_drop, rngs=rngs["dropout"])
         self.proj = _linear(dim, dim, dtype=dtype, rngs=rngs)
         self.proj_drop = Dropout(proj_drop, rngs=rngs["dropout"])
 
     @property
     def relative_coords_table(self) -> np.ndarray:
-        return relative_coords_table(self.window_size, self.pretrained_window_size)
+        wide = np.dtype(_at_least_float32(self.dtype)).type  # float64 for a float64 model
+        return relative_coords_table(self.window_size, self.pretrained_window_size, wide)
 
     @property
     def relative_position_index(self) -> np.ndarray:
         return relative_position_index(self.window_size)
 
     def position_bias(self) -> jax.Array:
-        """[heads, w*w, w*w] float32 bias: 16 * sigmoid(cpb_mlp(table)) gathered for every (query, key) pair."""
+        """[heads, w*w, w*w] bias in at least float32: 16 * sigmoid(cpb_mlp(table)) gathered for every (query, key)
+        pair."""
         tokens = self.window_size**2
         table = 16.0 * jax.nn.sigmoid(self.cpb_mlp(jnp.asarray(self.relative_coords_table)))
         bias = table[self.relative_position_index].reshape(tokens, tokens, self.num_heads)
@@ -293,13 +308,15 @@ class WindowAttention(nnx.Module):
             qkv = qkv + jnp.concatenate([self.q_bias[...], zeros, self.v_bias[...]]).astype(qkv.dtype)
         qkv = qkv.reshape(windows, tokens, 3, self.num_heads, -1).transpose(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
-        # In float32 even for bf16 activations: cosine logits times the temperature, plus the position bias,
-        # softmax. The logits reach 100 and the bias 16, where bf16 keeps only 2 to 3 digits. The temperature
-        # scales the unit queries, not the logits as the official code does (the same up to rounding): XLA's CPU
-        # backend copied the per-head factor out to the logits' full [windows, heads, N, N] shape to multiply it.
+        # In float32 even for bf16 activations (in float64 for a float64 model): cosine logits times the
+        # temperature, plus the position bias, softmax. The logits reach 100 and the bias 16, where bf16 keeps only 2
+        # to 3 digits. The temperature scales the unit queries, not the logits as the official code does (the same
+        # up to rounding): XLA's CPU backend copied the per-head factor out to the logits' full
+        # [windows, heads, N, N] shape to multiply it.
+        logits_dtype = _at_least_float32(q.dtype)
         temperature = jnp.exp(jnp.minimum(self.logit_scale[...], MAX_LOGIT_SCALE))
-        queries = _normalize(q.astype(jnp.float32)) * temperature
-        attn = queries @ _normalize(k.astype(jnp.float32)).swapaxes(-2, -1)
+        queries = _normalize(q.astype(logits_dtype)) * temperature
+        attn = queries @ _normalize(k.astype(logits_dtype)).swapaxes(-2, -1)
         additive = self.position_bias()
         if mask is not None:
             # One [nW, heads, N, N] term broadcast over the batch, instead of two separate adds.
@@ -451,18 +468,26 @@ class PatchEmbed(nnx.Module):
             in_chans, embed_dim, kernel_size=(patch_size, patch_size), strides=(patch_size, patch_size),
             padding="VALID", kernel_init=nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"),
             bias_init=lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound),
-            dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
+            dtype=dtype, param_dtype=_at_least_float32(dtype), rngs=rngs,
         )
         self.norm = _layer_norm(embed_dim, dtype=dtype, rngs=rngs) if norm else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = self.proj(x)
         x = x.reshape(x.shape[0], -1, x.shape[-1])
-        return x if self.norm is None else self.norm(x)
+        if self.norm is not None:
+            return self.norm(x)
+        # The residual stream starts here: float32 for bf16 activations too (shared_data.tags).
+        return x.astype(_at_least_float32(x.dtype))
 
 
 class SwinTransformerV2(nnx.Module):
-    """Swin Transformer V2 classifier; input NHWC float [B, img_size, img_size, in_chans], output float32 logits.
+    """Swin Transformer V2 classifier; input NHWC float [B, img_size, img_size, in_chans], output logits in at least
+    float32.
+
+    `dtype` is what matmuls and convolutions compute in; the parameters and everything else are in at least float32.
+    `jnp.bfloat16` is bf16 training as shared_data.tags defines it (PyTorch's autocast, as on a GPU);
+    `jnp.float64` (under jax_enable_x64) is float64 throughout, parameters included.
 
     Built in training mode like a torch module: call `.eval()` for deterministic inference. Dropout and drop
     path draw keys from the `dropout` stream of `rngs`, shared by every layer, so `nnx.reseed(model,
@@ -506,7 +531,7 @@ class SwinTransformerV2(nnx.Module):
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, patch_norm, dtype=dtype, rngs=rngs)
         if ape:
             shape = (1, resolutions[0] ** 2, embed_dim)
-            self.absolute_pos_embed = nnx.Param(_TRUNC_NORMAL_002(rngs.params(), shape, jnp.float32))
+            self.absolute_pos_embed = nnx.Param(_TRUNC_NORMAL_002(rngs.params(), shape, _at_least_float32(dtype)))
         else:
             self.absolute_pos_embed = None
         self.pos_drop = Dropout(drop_rate, rngs=rngs["dropout"])
@@ -547,7 +572,7 @@ class SwinTransformerV2(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         features = self.forward_features(x)
         logits = features if self.head is None else self.head(features)
-        return logits.astype(jnp.float32)
+        return logits.astype(_at_least_float32(logits.dtype))
 
 
 def create_model(name: str, num_classes: int = 1000, rngs: nnx.Rngs | None = None, **overrides: Any) -> SwinTransformerV2:

@@ -1,40 +1,54 @@
-"""The Flax stack's reporting side: step and epoch tags, the progress bar, the device, its peak memory, profiles."""
+"""The Flax stack's clock and reporting side: the step in flight, the event file, the shared step and epoch tags with
+the non-finite loss stop, the dashboards' records, and the progress bar (the mirror of lightning_swin/callbacks.py)."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
-import warnings
+from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import jax
+
 from tensorboard.compat.proto.event_pb2 import Event, SessionLog
 from tensorboard.compat.proto.summary_pb2 import Summary
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 from tqdm import tqdm
 
-from shared_data import environment, event_files, op_profile, tags
+from flax_swin.devices import device_peak_mb
+from shared_data import dashboards, environment, event_files, tags
+from shared_data.clock import Span, StepClock
+from shared_data.errors import NonFiniteLossError
 from shared_data.run_report import EpochResult
-from shared_data.trash_safe import atomic_write_bytes
-
-HLO_FILE = "train_step.hlo.txt"  # the compiled train step, beside a profile
 
 
-def device_description() -> str:
-    """The shared device string for this process's devices, e.g. 'cuda: NVIDIA H200 x1'."""
-    device = jax.devices()[0]
-    return environment.device_description(device.platform, device.device_kind, len(jax.devices()))
+@dataclasses.dataclass
+class StepInFlight:
+    """A dispatched optimiser step whose loss the host has not read yet; the mirror of
+    lightning_swin.callbacks.StepInFlight.
+
+    `done` resolves to the host perf_counter at which the step's outputs became ready (shared_data.tags: completion),
+    stamped by the thread that waits on them (ready_at), so a slow fetch of the next batch is not counted in it.
+    """
+
+    step: int
+    values: dict[str, jax.Array]  # loss and accuracy of the step's global batch, still on the device
+    done: Future
+    fetch: Span  # the host's fetch of this step's batch
+    lr: float  # the rate this step's update used
+
+    def read(self) -> tuple[float, float]:
+        """(loss, accuracy), waiting for this step's work only."""
+        values = jax.device_get(self.values)
+        return float(values["loss"]), float(values["accuracy"])
 
 
-def device_peak_mb() -> float | None:
-    """Peak MiB in use on the first local device, where the backend reports it (GPU, TPU; not CPU)."""
-    try:
-        stats = jax.local_devices()[0].memory_stats()
-    except Exception:  # backends without memory statistics raise rather than return None
-        return None
-    if not stats or "peak_bytes_in_use" not in stats:
-        return None
-    return stats["peak_bytes_in_use"] / 2**20
+def ready_at(values: Any) -> float:
+    """Block until `values` are computed and return the host perf_counter then (run in the completion thread)."""
+    jax.block_until_ready(values)
+    return time.perf_counter()
 
 
 class EventFile:
@@ -76,15 +90,19 @@ class Reporter:
 
     With `step_tags` False (--step-timing off) only the epoch tags are written. A resumed run passes the
     `purge_step` and the `replay` points of shared_data.event_files.resume_purge, so that its event files hold
-    each step once.
+    each step once. The event file opens with the dashboards' records of shared_data.dashboards.run_start, read from
+    the run folder's config.json.
     """
 
     def __init__(self, run_dir: Path, total_steps: int, start_step: int, enabled: bool, step_tags: bool = True,
                  purge_step: int | None = None, replay: Iterable[event_files.Point] = ()) -> None:
         self.step_tags = step_tags  # False (--step-timing off): the epoch tags only
+        self.run_dir = run_dir
         self.writer = EventFile(run_dir, purge_step) if enabled else None
         if self.writer is not None:
             event_files.write_points(self.writer, replay)
+            for summary in dashboards.run_start(run_dir):
+                self.writer.add_summary(summary, 0)
         self.bar = (tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, smoothing=0.1)
                     if enabled else None)
 
@@ -93,21 +111,30 @@ class Reporter:
         if self.bar is not None:
             self.bar.set_description(f"epoch {epoch}/{epochs}")
 
-    def step(self, step: int, loss: float, accuracy: float, lr: float, step_s: float, data_wait_s: float) -> None:
-        """The step tags of one global optimiser step (seconds; lr is the rate that step's update used)."""
+    def step_done(self, done: StepInFlight, clock: StepClock, last_saved: Path | None) -> float:
+        """Wait for a step, stop on a non-finite loss, write its tags (shared_data.tags' clock); return its completion.
+
+        Raises NonFiniteLossError naming the step and the last checkpoint saved before it.
+        """
+        loss, accuracy = done.read()
+        ended = done.done.result()
+        if not math.isfinite(loss):
+            raise NonFiniteLossError.at_step(done.step, loss, last_saved)
+        times = clock.completed_at(ended, done.fetch)
         if self.writer is not None and self.step_tags:
-            values = [(tags.TRAIN_LOSS, loss), (tags.TRAIN_ACCURACY, accuracy), (tags.TRAIN_LR, lr),
-                      (tags.STEP_TIME, step_s), (tags.DATA_WAIT_TIME, data_wait_s),
-                      (tags.COMPUTE_TIME, step_s - data_wait_s)]
-            if step == 1:
-                values.append((tags.FIRST_STEP_TIME, step_s))
+            values = [(tags.TRAIN_LOSS, loss), (tags.TRAIN_ACCURACY, accuracy), (tags.TRAIN_LR, done.lr),
+                      (tags.STEP_TIME, times.step_s), (tags.DATA_WAIT_TIME, times.data_wait_s),
+                      (tags.COMPUTE_TIME, times.compute_s)]
+            if done.step == 1:
+                values.append((tags.FIRST_STEP_TIME, times.step_s))
             # One event holding every scalar of the step: a fifth of the cost of one add_scalar call per tag.
             summary = Summary(value=[Summary.Value(tag=tag, simple_value=value) for tag, value in values])
-            self.writer.add_summary(summary, step)
+            self.writer.add_summary(summary, done.step)
         if self.bar is not None:
             self.bar.update(1)
-            if step % 10 == 0 or step == 1:
+            if done.step % 10 == 0 or done.step == 1:
                 self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        return ended
 
     def epoch_validated(self, result: EpochResult) -> None:
         """The epoch tags known once its validation is over (step = 1-based epoch), host and device peak memory,
@@ -119,14 +146,22 @@ class Reporter:
         peak = device_peak_mb()
         if peak is not None:
             scalars[tags.DEVICE_PEAK_MB] = peak
-        self._write_epoch(scalars, result.epoch)
+        self._write_flushed(scalars, result.epoch)
 
     def epoch_done(self, result: EpochResult, epochs: int) -> None:
         """The epoch's checkpoint and wall times, which include its save (flushed), and the epoch's line."""
         if self.writer is None:
             return
-        self._write_epoch(result.closing_scalars(), result.epoch)
+        self._write_flushed(result.closing_scalars(), result.epoch)
         self.bar.write(result.line(epochs))
+
+    def run_done(self, step: int, history: list[dict[str, float]], best_val_accuracy: float | None) -> None:
+        """Once the training has ended at global step `step`: the run's outcome for the HParams dashboard
+        (shared_data.dashboards.outcome, from the epoch `history` and every step time on disk), flushed."""
+        if self.writer is None:
+            return
+        self.writer.flush()  # the outcome's median reads the step times from the event files
+        self._write_flushed(dashboards.outcome(self.run_dir, history, best_val_accuracy), step)
 
     def flush(self) -> None:
         """Put every tag written so far on disk: before a step checkpoint is saved, so that a run killed after it
@@ -134,9 +169,9 @@ class Reporter:
         if self.writer is not None:
             self.writer.flush()
 
-    def _write_epoch(self, scalars: dict[str, float], epoch: int) -> None:
+    def _write_flushed(self, scalars: dict[str, float], step: int) -> None:
         for tag, value in scalars.items():
-            self.writer.add_scalar(tag, value, epoch)
+            self.writer.add_scalar(tag, value, step)
         self.writer.flush()
 
     def close(self) -> None:
@@ -145,100 +180,3 @@ class Reporter:
             self.bar.close()
         if self.writer is not None:
             self.writer.close()
-
-
-class StepProfiler:
-    """A jax.profiler trace of global steps first..last (inclusive) into `folder`, for TensorBoard's profile plugin,
-    and the per-operation summary of the train step beside it (shared_data.op_profile, ops.json); process 0's.
-
-    clu.periodic_actions.Profile does the tracing, but importing clu.periodic_actions imports TensorFlow,
-    which the Flax stack runs without.
-    """
-
-    def __init__(self, steps: tuple[int, int] | None, folder: Path,
-                 compiled_step: Callable[[], str] | None = None) -> None:
-        """`compiled_step` returns the HLO text of the compiled train step (`lowered.compile().as_text()`), which
-        tells what each traced operation computes; without it no ops.json."""
-        self.first, self.last = steps if steps else (0, -1)
-        self.folder = folder
-        self.compiled_step = compiled_step
-        self.active = False
-        self.started = 0.0
-
-    def is_boundary(self, step: int) -> bool:
-        """Whether the trace starts right after `step` or ends with it: the loop waits for such a step."""
-        return step in (self.first - 1, self.last)
-
-    def after_step(self, step: int) -> None:
-        """Call once step `step` has finished: stops the trace at its last step, starts it before its first."""
-        if self.active and step >= self.last:
-            self.stop(complete=True)
-        # Process 0 only: the processes of one machine would write the same trace file names into one folder.
-        if not self.active and step + 1 == self.first and jax.process_index() == 0:
-            self.started = time.time()
-            jax.profiler.start_trace(str(self.folder))
-            self.active = True
-
-    def stop(self, complete: bool = False) -> None:
-        """End the trace (if one runs); after a `complete` one, write ops.json from it and the step's HLO."""
-        if not self.active:
-            return
-        jax.profiler.stop_trace()
-        self.active = False
-        if complete and self.compiled_step is not None:
-            try:
-                hlo_text = self.compiled_step()
-                # Beside the trace: what each operation named in ops.json and the trace computes.
-                atomic_write_bytes(self.folder / HLO_FILE, hlo_text.encode())
-                ops, clock = xla_op_times(self.folder, hlo_text, self.last - self.first + 1, since=self.started)
-                op_profile.write_ops(self.folder, stack="flax", steps=(self.first, self.last), clock=clock, ops=ops)
-            except Exception as error:  # the trace is written; a summary that fails must not end the training run
-                warnings.warn(f"{self.folder}: no {op_profile.OPS_FILE} from the trace ({error})", stacklevel=2)
-
-
-def xla_op_times(folder: Path, hlo_text: str, steps: int, since: float = 0.0) -> tuple[list[op_profile.OpTime], str]:
-    """Self time per step of each operation of the HLO module `hlo_text` in the newest jax.profiler trace under
-    `folder` (written after `since`, seconds since the epoch), with its kind; and the clock: 'device' (GPU/TPU
-    kernel time) or 'cpu' (thunk time on the host, summed over threads).
-
-    Raises FileNotFoundError when `folder` holds no trace, and jax.profiler's errors for one it cannot read.
-    """
-    traces = [path for path in folder.glob("plugins/profile/*/*.xplane.pb") if path.stat().st_mtime >= since - 1]
-    if not traces:
-        raise FileNotFoundError(f"{folder}: no jax.profiler trace (*.xplane.pb) to summarise")
-    trace = max(traces, key=lambda path: path.stat().st_mtime)
-    module = hlo_text.split(None, 2)[1].rstrip(",")  # "HloModule jit_train_step, ..."
-    hlo = op_profile.parse_hlo(hlo_text)
-    data = jax.profiler.ProfileData.from_file(str(trace))
-    device_planes = [plane for plane in data.planes if plane.name.startswith(("/device:GPU", "/device:TPU"))]
-    planes = device_planes or [plane for plane in data.planes if plane.name == "/host:CPU"]
-    rows = []
-    for plane in planes:
-        for line in plane.lines:
-            if line.name in ("XLA Modules", "XLA Ops", "Steps", "Framework Ops"):
-                continue  # lines derived from the kernels' own: counting them would count each op twice
-            rows += _line_op_times(line, module, hlo)
-    details = {name: hlo[name].detail for name, _, _ in rows if name in hlo}
-    return op_profile.aggregate(rows, steps, details), "device" if device_planes else "cpu"
-
-
-def _line_op_times(line: Any, module: str, hlo: dict[str, op_profile.HloOp]) -> list[tuple[str, str, float]]:
-    """(op, kind, self seconds) of each event of `module` on one trace line; events nested in another lose
-    their time from the outer one (a while loop's body inside the loop)."""
-    rows: list[list[Any]] = []
-    open_events: list[tuple[int, list[Any]]] = []  # (end ns, row) of the events enclosing the current one
-    for event in sorted(line.events, key=lambda event: (event.start_ns, -event.duration_ns)):
-        stats = dict(event.stats)
-        if stats.get("hlo_module") != module or "hlo_op" not in stats:
-            continue
-        while open_events and open_events[-1][0] <= event.start_ns:
-            open_events.pop()
-        if open_events:
-            open_events[-1][1][2] -= event.duration_ns / 1e9
-        name = str(stats["hlo_op"])
-        op = hlo.get(name)
-        kind = op_profile.xla_kind(op.opcodes, op.op_name, op.targets) if op else op_profile.OTHER
-        row = [name, kind, event.duration_ns / 1e9]
-        rows.append(row)
-        open_events.append((event.end_ns, row))
-    return [tuple(row) for row in rows]

@@ -1,4 +1,4 @@
-"""Callbacks: the shared clock, tags and epoch line with the non-finite loss stop, validation at --max-steps, profiles."""
+"""Callbacks: the shared clock, tags and epoch line with the non-finite loss stop, dashboards, --max-steps, the bar."""
 
 from __future__ import annotations
 
@@ -6,8 +6,6 @@ import dataclasses
 import math
 import statistics
 import time
-import warnings
-from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -15,7 +13,9 @@ import torch
 from pytorch_lightning.callbacks import TQDMProgressBar
 
 from lightning_swin.checkpointing import AtomicCheckpointIO
-from shared_data import op_profile, tags
+from lightning_swin.devices import device_peak_mb
+from shared_data import dashboards, tags
+from shared_data.clock import Sections, Span, StepClock
 from shared_data.environment import host_peak_mb
 from shared_data.errors import NonFiniteLossError
 from shared_data.run_report import EpochResult
@@ -32,18 +32,22 @@ class ValidateAtLastStep(pl.Callback):
 
 
 @dataclasses.dataclass
-class _StepInFlight:
-    """A finished optimiser step whose loss the host has not read yet (on a GPU: still being computed)."""
+class StepInFlight:
+    """A finished optimiser step whose loss the host has not read yet (on a GPU: maybe still being computed); the
+    mirror of flax_swin.train.StepInFlight."""
 
     step: int
-    values: torch.Tensor  # [loss, accuracy], float32, on the host once `ready` has completed
-    ready: torch.cuda.Event | None  # recorded after the copy; None on a CPU, where the step is already done
-    lr: float
+    values: torch.Tensor  # [loss, accuracy], float32, on the host once `done` has completed
+    # Its completion (shared_data.tags): a CUDA event recorded after the optimiser step, or on a CPU, where the
+    # step runs synchronously, the host perf_counter when it returned.
+    done: torch.cuda.Event | float
+    fetch: Span  # the host's fetch of this step's batch
+    lr: float  # the rate this step's update used
 
     def read(self) -> tuple[float, float]:
         """(loss, accuracy), waiting for this step's work only: not for the steps queued after it."""
-        if self.ready is not None:
-            self.ready.synchronize()
+        if isinstance(self.done, torch.cuda.Event):
+            self.done.synchronize()
         loss, accuracy = self.values.tolist()
         return loss, accuracy
 
@@ -51,17 +55,20 @@ class _StepInFlight:
 class TimingAndMetrics(pl.Callback):
     """The clock of shared_data.tags and every shared tag, the non-finite loss stop, and each epoch's line.
 
-    Like the Flax loop it keeps one step in flight: step k's loss is read once step k+1 has been queued (at
-    the end of k+1's batch), through a CUDA event on a GPU, so no callback synchronises the device per step.
-    A step is read at once where the next thing needs it finished: a step checkpoint, the validation, the
-    end of the run. `history` holds one shared_data.run_report entry per validated epoch and travels in the
-    checkpoints; seconds spent saving come from `checkpoint_io`, which every save goes through, and seconds spent
-    profiling from `profiler`; both are left out of the step times.
+    Each step's completion is stamped as shared_data.tags defines it: on a CPU when the step returns, on a GPU by a
+    CUDA event read one step later (so no callback synchronises the device per step; a step is read at once where
+    the next thing needs it finished: a step checkpoint, the validation, the end of the run). `history` holds one
+    shared_data.run_report entry per validated epoch and travels in the checkpoints. Host seconds in the
+    "checkpoint" and "profile" sections of `sections` (the CheckpointIO and the profiler time themselves there) are
+    left out of the step times; the batch fetch of each step comes from the loader (datamodule.ResumableLoader).
+    The dashboards' records (shared_data.dashboards) go in too: the layout and HParams session when training starts,
+    the run's outcome when it ends.
     """
 
     def __init__(self, config: dict[str, Any], num_val_images: int, steps_per_epoch: int, total_steps: int,
-                 checkpoint_io: AtomicCheckpointIO, profiler: StepProfiler | None = None) -> None:
+                 checkpoint_io: AtomicCheckpointIO, sections: Sections) -> None:
         self.global_batch_size = config["batch_size"]
+        self.run_dir = config["run_dir"]
         self.step_tags = config["step_timing"] == "on"
         self.every_n_steps = config["checkpoint_every_steps"]
         self.num_val_images = num_val_images
@@ -69,20 +76,22 @@ class TimingAndMetrics(pl.Callback):
         self.total_steps = total_steps
         self.epochs = math.ceil(total_steps / steps_per_epoch)
         self.checkpoint_io = checkpoint_io
-        self.profiler = profiler  # its seconds are left out of the step times, as saving's are
-        self._profiling_seen = 0.0
+        self.sections = sections
+        self.clock = StepClock(sections)
         self.history: list[dict[str, float]] = []
         self.last_loss: float | None = None  # shown by the progress bar
-        self._in_flight: _StepInFlight | None = None
+        self.completion = "host return"  # how the last step's completion was stamped: "cuda event" on a GPU
+        self._in_flight: StepInFlight | None = None
         self._reset_epoch(time.perf_counter())
 
     def _reset_epoch(self, now: float) -> None:
-        self._epoch_start = self._last_done = self._train_end = self._val_start = now
+        self._epoch_start = self._train_end = self._val_start = now
         self._steps = 0
         self._losses: list[float] = []
         self._result: EpochResult | None = None
-        self._saving_at_start = self._saving_seen = self.checkpoint_io.seconds_saving
-        self._fetch_seen: float | None = None
+        self._checkpoint_before = self.sections.totals["checkpoint"]
+        self._previous_event: torch.cuda.Event | None = None  # the device's stamp the next step counts from (GPU)
+        self.clock.start(now)
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": self.history}
@@ -101,36 +110,45 @@ class TimingAndMetrics(pl.Callback):
         if flush:
             writer.flush()
 
-    @staticmethod
-    def _fetch_seconds(trainer: pl.Trainer) -> float:
-        """Host seconds the training loader has spent obtaining batches so far (see datamodule.ResumableLoader)."""
-        return getattr(trainer.train_dataloader, "fetch_seconds", 0.0)
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero and trainer.logger is not None:
+            # SummaryWriter has no add_summary of its own; its FileWriter's is public.
+            for summary in dashboards.run_start(self.run_dir):
+                trainer.logger.experiment.file_writer.add_summary(summary, 0)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._reset_epoch(time.perf_counter())
-        self._fetch_seen = self._fetch_seconds(trainer)
+        if pl_module.device.type == "cuda":
+            self._previous_event = torch.cuda.Event(enable_timing=True)
+            self._previous_event.record()
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         self._lr = trainer.optimizers[0].param_groups[0]["lr"]  # the rate this step's update uses
+        now = time.perf_counter()
+        self._fetch = getattr(trainer.train_dataloader, "last_fetch", None) or Span(now, now)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         # The global batch's values: the mean over ranks of equal shards (queued, like the step itself).
         values = torch.stack([trainer.strategy.reduce(outputs["loss"].detach().float(), reduce_op="mean"),
                               trainer.strategy.reduce(outputs["accuracy"].float(), reduce_op="mean")])
-        ready = None
         if values.is_cuda:
             values = values.to("cpu", non_blocking=True)
-            ready = torch.cuda.Event()
-            ready.record()
-        previous, self._in_flight = self._in_flight, _StepInFlight(trainer.global_step, values, ready, self._lr)
+            done = torch.cuda.Event(enable_timing=True)
+            done.record()
+        else:
+            done = time.perf_counter()
+        previous, self._in_flight = self._in_flight, StepInFlight(trainer.global_step, values, done, self._fetch,
+                                                                  self._lr)
         if previous is not None:
             self._finish(trainer, previous)
         step = trainer.global_step
         saves_now = (self.every_n_steps and step % self.every_n_steps == 0
                      and batch_idx + 1 < trainer.num_training_batches and step < self.total_steps)
-        if saves_now:  # the step checkpoint saved after this hook must not hold a non-finite state
+        # On a CPU the step is done: read it now. Before a step checkpoint too: it must not hold a non-finite state.
+        if not values.is_cuda or saves_now:
             self._finish_in_flight(trainer)
+        if saves_now:
             # Its steps' tags go to disk before it does: a run killed after the save resumes from it, and the
             # resumed run's event files keep only what was on disk (shared_data.event_files.resume_purge).
             self._write(trainer, {}, step, flush=True)
@@ -140,17 +158,15 @@ class TimingAndMetrics(pl.Callback):
             self._finish(trainer, self._in_flight)
             self._in_flight = None
 
-    def _finish(self, trainer: pl.Trainer, done: _StepInFlight) -> None:
-        """Read a step's loss, stop on a non-finite one, and write the step tags (step time excludes saving)."""
+    def _finish(self, trainer: pl.Trainer, done: StepInFlight) -> None:
+        """Read a step's loss, stop on a non-finite one, and write the step tags (shared_data.tags' clock)."""
         loss, accuracy = done.read()
-        now = time.perf_counter()
-        saving = self.checkpoint_io.seconds_saving - self._saving_seen
-        fetch = self._fetch_seconds(trainer)
-        data_wait = max(fetch - (self._fetch_seen if self._fetch_seen is not None else fetch), 0.0)
-        profiling = self.profiler.seconds - self._profiling_seen if self.profiler is not None else 0.0
-        step_s = max(now - self._last_done - saving - profiling, 0.0)
-        self._last_done, self._saving_seen, self._fetch_seen, self._train_end = now, self.checkpoint_io.seconds_saving, fetch, now
-        self._profiling_seen += profiling
+        if isinstance(done.done, torch.cuda.Event):
+            times = self.clock.completed_after(self._previous_event.elapsed_time(done.done) / 1000, done.fetch)
+            self._previous_event, self._train_end, self.completion = done.done, time.perf_counter(), "cuda event"
+        else:
+            times = self.clock.completed_at(done.done, done.fetch)
+            self._train_end = done.done
         if not math.isfinite(loss):
             # The loss is the mean over ranks, so every rank sees the same value and stops at the same step.
             raise NonFiniteLossError.at_step(done.step, loss, self.checkpoint_io.last_saved)
@@ -159,9 +175,10 @@ class TimingAndMetrics(pl.Callback):
         self.last_loss = loss
         if self.step_tags:
             values = {tags.TRAIN_LOSS: loss, tags.TRAIN_ACCURACY: accuracy, tags.TRAIN_LR: done.lr,
-                      tags.STEP_TIME: step_s, tags.DATA_WAIT_TIME: data_wait, tags.COMPUTE_TIME: step_s - data_wait}
+                      tags.STEP_TIME: times.step_s, tags.DATA_WAIT_TIME: times.data_wait_s,
+                      tags.COMPUTE_TIME: times.compute_s}
             if done.step == 1:
-                values[tags.FIRST_STEP_TIME] = step_s
+                values[tags.FIRST_STEP_TIME] = times.step_s
             self._write(trainer, values, done.step)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -172,6 +189,9 @@ class TimingAndMetrics(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._finish_in_flight(trainer)
+        if trainer.is_global_zero and trainer.logger is not None:
+            self._write(trainer, {}, trainer.global_step, flush=True)  # the outcome's median reads the event files
+            self._write(trainer, dashboards.outcome(self.run_dir, self.history), trainer.global_step, flush=True)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -194,8 +214,9 @@ class TimingAndMetrics(pl.Callback):
         self.history.append(self._result.history_entry())
         # On disk before those checkpoints are published: a kill never leaves a checkpoint without its epoch.
         values = dict(self._result.scalars(), **{tags.HOST_PEAK_MB: host_peak_mb()})
-        if pl_module.device.type == "cuda":
-            values[tags.DEVICE_PEAK_MB] = torch.cuda.max_memory_allocated(pl_module.device) / 2**20
+        peak = device_peak_mb(pl_module.device)
+        if peak is not None:
+            values[tags.DEVICE_PEAK_MB] = peak
         self._write(trainer, values, self._result.epoch, flush=True)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -203,7 +224,7 @@ class TimingAndMetrics(pl.Callback):
             # Not validated in this process: a resumed run replays the end of the epoch its checkpoint closed.
             return
         result = dataclasses.replace(
-            self._result, checkpoint_time_s=self.checkpoint_io.seconds_saving - self._saving_at_start,
+            self._result, checkpoint_time_s=self.sections.totals["checkpoint"] - self._checkpoint_before,
             wall_time_s=time.perf_counter() - self._epoch_start,
         )
         self._write(trainer, result.closing_scalars(), result.epoch, flush=True)  # they include the epoch's saves
@@ -229,97 +250,3 @@ class ProgressBar(TQDMProgressBar):
         if self.timing.last_loss is not None:
             metrics["loss"] = f"{self.timing.last_loss:.4f}"
         return metrics
-
-
-class StepProfiler(pl.Callback):
-    """A torch.profiler trace of global steps first..last (inclusive) into `folder`, for TensorBoard, and the
-    per-operation summary of those steps beside it (shared_data.op_profile, ops.json); rank 0's. The mirror of
-    flax_swin.reporting.StepProfiler.
-
-    Lightning's PyTorchProfiler wraps every hook of every step in a record_function, which costs time in the steps it
-    does not trace, and counts its schedule in its own calls; this starts and stops torch.profiler at the steps asked.
-    Each traced step is one op_profile.STEP_RANGE range, and ops.json counts only what ran inside those ranges (not
-    a validation or the loading of the next batch between them). `seconds` (host seconds spent starting, stopping and
-    summarising) is left out of the step times by TimingAndMetrics, as the Flax loop leaves it out.
-    """
-
-    def __init__(self, steps: tuple[int, int] | None, folder: Path) -> None:
-        self.first, self.last = steps if steps else (0, -1)
-        self.folder = folder
-        self.profile: torch.profiler.profile | None = None
-        self.step_range: torch.profiler.record_function | None = None
-        self.seconds = 0.0
-
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
-        # Rank 0 only, as the Flax stack's process 0: the ranks of one machine would share one folder.
-        if self.profile is None and trainer.global_step + 1 == self.first and trainer.is_global_zero:
-            started = time.perf_counter()
-            on_gpu = trainer.strategy.root_device.type == "cuda"
-            activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if on_gpu else [])
-            handler = torch.profiler.tensorboard_trace_handler(str(self.folder), worker_name=f"rank{trainer.global_rank}")
-            if on_gpu:
-                torch.cuda.synchronize()  # earlier steps' kernels are not this trace's
-            self.profile = torch.profiler.profile(activities=activities, on_trace_ready=handler)
-            self.profile.start()
-            self.seconds += time.perf_counter() - started
-        if self.profile is not None:
-            self.step_range = torch.profiler.record_function(op_profile.STEP_RANGE)
-            self.step_range.__enter__()
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        if self.profile is None:
-            return
-        if trainer.strategy.root_device.type == "cuda":
-            torch.cuda.synchronize()  # the step's kernels end inside its range
-        self._end_step_range()
-        if trainer.global_step >= self.last:
-            self._stop(complete=True)
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._stop(complete=False)  # the run ended before the last traced step: a partial trace, no ops.json
-
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._stop(complete=False)
-
-    def _end_step_range(self) -> None:
-        if self.step_range is not None:
-            self.step_range.__exit__(None, None, None)
-            self.step_range = None
-
-    def _stop(self, complete: bool) -> None:
-        if self.profile is None:
-            return
-        started = time.perf_counter()
-        self._end_step_range()
-        profile, self.profile = self.profile, None
-        profile.stop()
-        if complete:
-            try:
-                ops, clock = torch_op_times(profile, self.last - self.first + 1)
-                op_profile.write_ops(self.folder, stack="lightning", steps=(self.first, self.last), clock=clock, ops=ops)
-            except Exception as error:  # the trace is written; a summary that fails must not end the training run
-                warnings.warn(f"{self.folder}: no {op_profile.OPS_FILE} from the trace ({error})", stacklevel=2)
-        self.seconds += time.perf_counter() - started
-
-
-def torch_op_times(profile: torch.profiler.profile, steps: int) -> tuple[list[op_profile.OpTime], str]:
-    """Self time per step (seconds) of each operation that started inside an op_profile.STEP_RANGE range of a
-    finished torch.profiler trace, on any thread (autograd's backward threads included), with its kind (op_profile);
-    and the clock: 'device' (CUDA kernel time attributed to each op) when the trace has CUDA activity, else 'cpu'."""
-    events = profile.events()
-    windows = [(event.time_range.start, event.time_range.end) for event in events if event.name == op_profile.STEP_RANGE]
-    on_device = any(event.self_device_time_total > 0 for event in events)
-    rows = []
-    for event in events:
-        if event.name == op_profile.STEP_RANGE or not any(start <= event.time_range.start <= end
-                                                            for start, end in windows):
-            continue
-        seconds = (event.self_device_time_total if on_device else event.self_cpu_time_total) / 1e6
-        ancestors, parent = [], event.cpu_parent
-        while parent is not None:
-            ancestors.append(parent.name)
-            parent = parent.cpu_parent
-        rows.append((event.name, op_profile.torch_kind(event.name, ancestors), seconds))
-    return op_profile.aggregate(rows, steps), "device" if on_device else "cpu"

@@ -3,13 +3,10 @@ list/verify."""
 
 from __future__ import annotations
 
-import errno
 import functools
 import hashlib
 import io
 import re
-import time
-import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -18,21 +15,19 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-from shared_data import checksums, retention, tags
+from shared_data import checkpoint_folder, checksums, errors, retention, tags
+from shared_data.checkpoint_folder import checkpoint_dir
+from shared_data.clock import Sections
 from shared_data.errors import CheckpointDamagedError, CheckpointError, CheckpointSaveError
 from shared_data.retention import CheckpointInfo
-from shared_data.trash_safe import atomic_write_bytes, remove_path
+from shared_data.trash_safe import atomic_write_bytes, partial_write_target, remove_path
 
 STACK = "lightning"
-CHECKPOINT_DIR = "checkpoints"
 SUFFIX = ".ckpt"
 # File names (1-based epoch, global step): the best by val accuracy, and the latest (after a validation, or of the
 # every-N-steps saves, which never save a step a validation follows, so the two never share a name).
 BEST_NAME = "best-epoch={epoch:03d}-step={step:06d}-val_accuracy={" + tags.VAL_ACCURACY + ":.4f}"
 LATEST_NAME = "last-epoch={epoch:03d}-step={step:06d}"
-# shared_data.trash_safe.atomic_write_bytes writes to ".<name>.<random>.tmp" and renames it into place,
-# so anything with that shape is a save that never finished.
-_PARTIAL = re.compile(r"^\.(?P<name>.+)\.[^.]+\.tmp$")
 # best-epoch=003-step=000120-val_accuracy=0.4563.ckpt / last-epoch=003-step=000120.ckpt, and "-v1" where
 # ModelCheckpoint's version counter kept a save from overwriting a file of the same name.
 _NAME = re.compile(
@@ -45,43 +40,35 @@ _REQUIRED_KEYS = ("state_dict", "optimizer_states", "lr_schedulers", "loops", "g
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Checkpoint files written whole or not at all, each with its SHA-256 sidecar (checksums.sidecar), deleted with
-    it by truncating them first; counts the seconds saving.
+    it by truncating them first; every save is timed into the "checkpoint" section of `sections`.
 
     The sidecar is written first, from the bytes about to be written, so every published checkpoint has its sum
     (as the Flax stack's folders have theirs before Orbax renames them into place); a kill between the two leaves
     a sidecar without its file, a leftover the next start removes.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, sections: Sections) -> None:
         super().__init__()
         # Every save of every ModelCheckpoint comes through here: the one clock of epoch/checkpoint_time_s.
-        self.seconds_saving = 0.0
+        self.sections = sections
         self.last_saved: Path | None = None  # the newest complete file this process wrote
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError("AtomicCheckpointIO.save_checkpoint takes no storage_options")
-        start = time.perf_counter()
-        buffer = io.BytesIO()
-        torch.save(checkpoint, buffer)
-        try:
-            checksums.write_sidecar(path, hashlib.sha256(buffer.getbuffer()).hexdigest())
+        with self.sections("checkpoint"):
+            buffer = io.BytesIO()
+            torch.save(checkpoint, buffer)
             try:
-                atomic_write_bytes(path, buffer.getbuffer())
-            except OSError:
-                remove_path(checksums.sidecar(path))
-                raise
+                checksums.write_sidecar(path, hashlib.sha256(buffer.getbuffer()).hexdigest())
+                try:
+                    atomic_write_bytes(path, buffer.getbuffer())
+                except OSError:
+                    remove_path(checksums.sidecar(path))
+                    raise
+            except OSError as error:
+                raise CheckpointSaveError.at_step(checkpoint.get("global_step"), Path(path).parent, error) from None
             self.last_saved = Path(path)
-        except OSError as error:
-            if error.errno == errno.ENOSPC:
-                raise CheckpointSaveError(
-                    f"no space left on device while saving {path}; the previous checkpoints are intact: "
-                    "free some space, then continue with --resume"
-                ) from None
-            raise CheckpointSaveError(f"saving {path} failed ({error.strerror or error}); the previous checkpoints "
-                                      "are intact") from error
-        finally:
-            self.seconds_saving += time.perf_counter() - start
 
     def load_checkpoint(self, path: str | Path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         # Our own files hold optimiser, loop and RNG states, which the weights-only unpickler refuses.
@@ -140,11 +127,6 @@ def prune_checkpoints(run_dir: str | Path, keep: int, damaged: Iterable[str | Pa
     return removed
 
 
-def checkpoint_dir(run_dir: str | Path) -> Path:
-    """Where a run keeps its checkpoints."""
-    return Path(run_dir) / CHECKPOINT_DIR
-
-
 def checkpoint_step(path: str | Path) -> int | None:
     """The global step a checkpoint file's name gives."""
     return _info(Path(path), complete=True).step
@@ -152,8 +134,7 @@ def checkpoint_step(path: str | Path) -> int | None:
 
 def _parse(path: Path) -> re.Match[str] | None:
     """The fields of a checkpoint file's name (of the file being written, for an unfinished save)."""
-    partial = _PARTIAL.match(path.name)
-    return _NAME.match(partial.group("name") if partial else path.name)
+    return _NAME.match(partial_write_target(path) or path.name)
 
 
 def _info(path: Path, complete: bool) -> CheckpointInfo:
@@ -179,15 +160,14 @@ def list_checkpoints(run_dir: str | Path) -> list[CheckpointInfo]:
     for path in folder.iterdir():
         if path.is_file() and path.suffix == SUFFIX and not path.name.startswith("."):
             found.append(_info(path, complete=True))
-        elif path.is_file() and _PARTIAL.match(path.name) and not _is_sums(path):
+        elif path.is_file() and partial_write_target(path) is not None and not _is_sums(path):
             found.append(_info(path, complete=False))
     return sorted(found, key=_recency)
 
 
 def _is_sums(path: Path) -> bool:
     """A sidecar of checksums, or a sidecar being written."""
-    partial = _PARTIAL.match(path.name)
-    return (partial.group("name") if partial else path.name).endswith(checksums.SIDECAR_SUFFIX)
+    return (partial_write_target(path) or path.name).endswith(checksums.SIDECAR_SUFFIX)
 
 
 def _recency(info: CheckpointInfo) -> tuple[int, int, int]:
@@ -200,9 +180,8 @@ def _recency(info: CheckpointInfo) -> tuple[int, int, int]:
 
 
 def verify_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Check a checkpoint's sidecar checksum (where it has one), load it and check it can be resumed from; raise
-    CheckpointError naming it otherwise: CheckpointDamagedError when it is proven damaged, or when it has no sidecar
-    (saved before checksums existed) and torch cannot read it."""
+    """Check a checkpoint's sidecar checksum, load it and check it can be resumed from; raise CheckpointError naming
+    it otherwise (CheckpointDamagedError when it is proven damaged: it differs from its checksum)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
@@ -225,36 +204,25 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def _load_checked(path: Path) -> Any:
-    checked = checksums.check_sums(checksums.sidecar(path), path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:
-        if checked or checksums.is_transient(error):
-            raise  # the bytes are the ones saved (or could not be read): not damage
-        # A file torch cannot parse that was saved before checksums existed: a torn zip archive is damage.
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointDamagedError(f"{path}: cannot be read ({reason})") from None
+    checksums.check_sums(checksums.sidecar(path), path)
+    return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def leftovers(run_dir: str | Path) -> list[Path]:
     """Unfinished saves, sidecars whose checkpoint is gone, and stray temporary files or folders a killed run left."""
-    run_dir = Path(run_dir)
-    found = [p for p in run_dir.glob(".*.tmp") if p.is_file()] if run_dir.is_dir() else []
+    found = checkpoint_folder.unfinished_writes(run_dir)
     folder = checkpoint_dir(run_dir)
     if folder.is_dir():
         for path in folder.iterdir():
             orphan = path.name.endswith(checksums.SIDECAR_SUFFIX) and not path.with_name(path.stem).exists()
-            if path.is_dir() or _PARTIAL.match(path.name) or orphan:
+            if path.is_dir() or partial_write_target(path) is not None or orphan:
                 found.append(path)
     return sorted(found)
 
 
-def clean_leftovers(run_dir: str | Path) -> list[Path]:
-    """Delete leftovers through the trash-safe removal; return what was removed."""
-    removed = leftovers(run_dir)
-    for path in removed:
-        remove_path(path)
-    return removed
+def clean_leftovers(run_dir: str | Path, announce: bool = True) -> list[Path]:
+    """Delete (trash-safely) what leftovers() finds, each named in a warning when `announce`; return it."""
+    return checkpoint_folder.remove_leftovers(leftovers(run_dir), announce=announce)
 
 
 def resume_point(run_dir: str | Path) -> tuple[Path | None, list[Path]]:
@@ -270,7 +238,7 @@ def resume_point(run_dir: str | Path) -> tuple[Path | None, list[Path]]:
         try:
             verify_checkpoint(info.path)
         except CheckpointDamagedError as error:
-            warnings.warn(f"skipping damaged checkpoint: {error}", stacklevel=2)
+            errors.warn(f"skipping damaged checkpoint: {error}")
             damaged.append(info.path)
             continue
         return info.path, damaged

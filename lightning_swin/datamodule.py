@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from shared_data import augment, batches
+from shared_data.clock import Span
 from shared_data.prepare import prepare_data
 
 
@@ -90,7 +91,7 @@ class EpochBatchSampler(Sampler):
 
 class ResumableLoader(DataLoader):
     """A DataLoader that records how many batches the training loop took, so a checkpoint can resume after them,
-    and the host seconds spent obtaining them (`fetch_seconds`, the data wait of shared_data.tags' clock).
+    and when the host fetched the last one (`last_fetch`, the data wait of shared_data.tags' clock).
 
     Lightning saves `state_dict()` in every checkpoint and feeds it back through `load_state_dict()`
     before iterating again (it treats any loader with these two methods as resumable).
@@ -100,21 +101,23 @@ class ResumableLoader(DataLoader):
         super().__init__(dataset, batch_size=None, sampler=sampler, **kwargs)
         self._epoch = sampler.epoch
         self._next_index = sampler.start
-        self.fetch_seconds = 0.0  # running total over this loader's life
+        self.last_fetch: Span | None = None  # host perf_counter span of the latest batch handed to the loop
 
     def __iter__(self) -> Iterator[Any]:
         sampler: EpochBatchSampler = self.sampler
         self._epoch, self._next_index = sampler.epoch, sampler.start
+        fetch = Span(time.perf_counter())  # the first fetch includes starting the iterator (and its workers)
         batches = super().__iter__()
         while True:
-            started = time.perf_counter()
             batch = next(batches, None)
-            self.fetch_seconds += time.perf_counter() - started
+            fetch.end = time.perf_counter()
             if batch is None:
                 return
+            self.last_fetch = fetch
             # The worker prefetch runs ahead of this; what was handed to the loop is what counts.
             self._next_index += 1
             yield batch
+            fetch = Span(time.perf_counter())
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self._epoch, "next_index": self._next_index}

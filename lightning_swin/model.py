@@ -29,9 +29,10 @@ def window_reverse(windows: torch.Tensor, window: int, height: int, width: int) 
     return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, height, width, channels)
 
 
-def relative_coords_table(window: int, pretrained_window: int = 0) -> torch.Tensor:
-    """Log-spaced relative (dy, dx) of every offset in a window: [(2w-1)^2, 2], the cpb_mlp input."""
-    offsets = torch.arange(-(window - 1), window, dtype=torch.float32)
+def relative_coords_table(window: int, pretrained_window: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Log-spaced relative (dy, dx) of every offset in a window: [(2w-1)^2, 2] in `dtype` (float32 as the official
+    code), the cpb_mlp input."""
+    offsets = torch.arange(-(window - 1), window, dtype=dtype)
     table = torch.stack(torch.meshgrid(offsets, offsets, indexing="ij"), dim=-1).reshape(-1, 2)
     span = (pretrained_window if pretrained_window > 0 else window) - 1
     # A 1x1 window has only the zero offset; dividing by 1 keeps it 0 where the official code gives 0/0.
@@ -75,6 +76,25 @@ def _without_autocast(device_type: str) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+def _at_least_float32(dtype: torch.dtype) -> torch.dtype:
+    """The dtype every upcast goes to, torch.promote_types(dtype, float32): float32 for bf16 (or float32), float64
+    for float64, never down. Worked out in Python: promote_types is a dispatched op, one more per call in eager."""
+    return dtype if dtype.is_floating_point and dtype.itemsize >= 4 else torch.float32
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm (its parameters, their names) whose statistics and output are float32 under autocast on every
+    device, as bf16 training is defined in shared_data.tags: CUDA autocast computes layer_norm so, but CPU autocast
+    keeps a bf16 input in bf16. Without autocast it is nn.LayerNorm itself, in the input's dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_autocast_enabled(x.device.type):
+            return super().forward(x)
+        with _without_autocast(x.device.type):
+            return F.layer_norm(x.to(_at_least_float32(x.dtype)), self.normalized_shape, self.weight, self.bias,
+                                self.eps)
+
+
 def add_residual(x: torch.Tensor, branch: torch.Tensor, drop_path: float, training: bool) -> torch.Tensor:
     """x + drop_path(branch): in training each sample's branch is dropped with probability drop_path, else rescaled."""
     # One fused addcmul instead of a separate multiply and add, forward and backward.
@@ -101,6 +121,7 @@ class WindowAttention(nn.Module):
         super().__init__()
         self.dim = dim
         self.window_size = window_size
+        self.pretrained_window_size = pretrained_window_size
         self.num_heads = num_heads
         self.attn_drop = attn_drop
         self.logit_scale = nn.Parameter(torch.full((num_heads, 1, 1), math.log(10.0)))
@@ -134,10 +155,12 @@ class WindowAttention(nn.Module):
             bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
         qkv = F.linear(x, self.qkv.weight, bias)
         q, k, v = qkv.view(windows, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        # The official order, in float32 even under bf16 autocast: cosine logits, times the temperature, plus the
-        # position bias, softmax. The logits reach 100 and the bias 16, where bf16 keeps only 2 to 3 digits.
+        # The official order, in float32 even under bf16 autocast (in float64 for a float64 model): cosine logits,
+        # times the temperature, plus the position bias, softmax. The logits reach 100 and the bias 16, where bf16
+        # keeps only 2 to 3 digits.
+        logits_dtype = _at_least_float32(q.dtype)
         with _without_autocast(x.device.type):
-            attn = F.normalize(q.float(), dim=-1) @ F.normalize(k.float(), dim=-1).transpose(-2, -1)
+            attn = F.normalize(q.to(logits_dtype), dim=-1) @ F.normalize(k.to(logits_dtype), dim=-1).transpose(-2, -1)
             attn = attn * torch.clamp(self.logit_scale, max=MAX_LOGIT_SCALE).exp()
             additive = self.position_bias()
             # In place into the scaled logits, a float32 temporary that backward does not need.
@@ -193,9 +216,9 @@ class SwinTransformerBlock(nn.Module):
         self.attn = WindowAttention(
             dim, self.window_size, num_heads, qkv_bias, attn_drop, drop, pretrained_window_size
         )
-        self.norm1 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.norm1 = LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
-        self.norm2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.norm2 = LayerNorm(dim, eps=LAYER_NORM_EPS)
         mask = shifted_window_mask(input_resolution, self.window_size, self.shift_size) if self.shift_size else None
         self.register_buffer("attn_mask", mask, persistent=False)
         # Shift and window partition as one gather (and its inverse), cheaper than roll + permute copies
@@ -226,7 +249,7 @@ class PatchMerging(nn.Module):
         self.input_resolution = input_resolution
         self.dim = dim
         self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
-        self.norm = nn.LayerNorm(2 * dim, eps=LAYER_NORM_EPS)
+        self.norm = LayerNorm(2 * dim, eps=LAYER_NORM_EPS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[B, H*W, C] -> [B, H*W/4, 2C]; channel order (row, col) offsets (0,0), (1,0), (0,1), (1,1)."""
@@ -285,15 +308,22 @@ class PatchEmbed(nn.Module):
     def __init__(self, patch_size: int = 4, in_chans: int = 3, embed_dim: int = 96, norm: bool = True) -> None:
         super().__init__()
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
-        self.norm = nn.LayerNorm(embed_dim, eps=LAYER_NORM_EPS) if norm else None
+        self.norm = LayerNorm(embed_dim, eps=LAYER_NORM_EPS) if norm else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.proj(x).flatten(2).transpose(1, 2)
-        return x if self.norm is None else self.norm(x)
+        if self.norm is not None:
+            return self.norm(x)
+        # The residual stream starts here: float32 under bf16 autocast too (shared_data.tags).
+        return x.to(_at_least_float32(x.dtype))
 
 
 class SwinTransformerV2(nn.Module):
-    """Swin Transformer V2 classifier; input NCHW float [B, in_chans, img_size, img_size], output logits."""
+    """Swin Transformer V2 classifier; input NCHW float [B, in_chans, img_size, img_size], output logits.
+
+    In the dtype of its parameters (`.double()` gives float64 throughout), or under bf16 autocast as shared_data.tags
+    defines bf16 training, on a CPU as on a GPU; the logits are then the head's bf16, which the loss upcasts.
+    """
 
     def __init__(
         self,
@@ -346,7 +376,7 @@ class SwinTransformerV2(nn.Module):
             )
             for i in range(self.num_layers)
         )
-        self.norm = nn.LayerNorm(self.num_features, eps=LAYER_NORM_EPS)
+        self.norm = LayerNorm(self.num_features, eps=LAYER_NORM_EPS)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
         self.apply(_init_linear_and_norm)

@@ -141,14 +141,7 @@ class SwinClassifier(pl.LightningModule):
             {name: tuple(t.shape) for name, t in self.state_dict().items()})
         if mismatch is not None:
             raise mismatch
-        for number, state in enumerate(checkpoint.get("lr_schedulers", [])):
-            if "lr_lambdas" not in state:  # saved with the SequentialLR used before: only its step count carries over
-                checkpoint["lr_schedulers"][number] = dict(
-                    lr_lambdas=[None] * len(state["_last_lr"]), last_epoch=state["last_epoch"],
-                    _step_count=state["last_epoch"] + 1, _last_lr=state["_last_lr"])
-        states = checkpoint.get("rng_states")
-        if not states:
-            return
+        states = checkpoint["rng_states"]
         torch.set_rng_state(states["torch"])
         if states["cuda"] and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(states["cuda"])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -13,22 +12,18 @@ import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.strategies import DDPStrategy
 
-from lightning_swin import checkpointing
-from lightning_swin.callbacks import ProgressBar, StepProfiler, TimingAndMetrics, ValidateAtLastStep
+from lightning_swin import checkpointing, distributed
+from lightning_swin.callbacks import ProgressBar, TimingAndMetrics, ValidateAtLastStep
 from lightning_swin.configs import default
 from lightning_swin.datamodule import ImagenetteDataModule
+from lightning_swin.devices import arithmetic, device_description, set_arithmetic
 from lightning_swin.module import SwinClassifier
+from lightning_swin.profiling import StepProfiler
 from lightning_swin.weights import load_pretrained
-from shared_data import environment, event_files, run_config, run_report
+from shared_data import event_files, run_config, run_report
+from shared_data.clock import Sections
 from shared_data.errors import ConfigError
 from shared_data.trash_safe import atomic_write_json
-
-
-def device_description(config: dict[str, Any]) -> str:
-    """The shared device string for the devices this config trains on, e.g. 'cuda: NVIDIA H200 x1'."""
-    if config["accelerator"] != "cpu" and torch.cuda.is_available():
-        return environment.device_description("cuda", torch.cuda.get_device_name(0), torch.cuda.device_count())
-    return environment.device_description("cpu", "", os.cpu_count() or 1)
 
 
 def train_and_evaluate(config: dict[str, Any], workdir: str | os.PathLike,
@@ -41,10 +36,10 @@ def train_and_evaluate(config: dict[str, Any], workdir: str | os.PathLike,
     wall_start = time.perf_counter()
     run_dir = Path(workdir)
     config = dict(default.resolve(config), run_dir=str(run_dir), run_name=run_dir.name)
-    main = default.is_main_process()
+    main = distributed.is_main_process()
     world = config["devices"] * config["num_nodes"]
     if main and world > 1:
-        os.environ[default.RUN_NAME_ENV] = run_dir.name  # inherited by the processes the DDP launcher starts
+        os.environ[distributed.RUN_NAME_ENV] = run_dir.name  # inherited by the processes the DDP launcher starts
     pl.seed_everything(config["seed"], workers=True, verbose=False)
 
     # ---- data
@@ -56,6 +51,7 @@ def train_and_evaluate(config: dict[str, Any], workdir: str | os.PathLike,
     total_steps = run_config.total_steps(config, steps_per_epoch)
 
     # ---- model
+    set_arithmetic(config["precision"])  # full float32 in fp32, as the Flax stack's
     module = SwinClassifier(config, data.num_classes, steps_per_epoch)
     if config["pretrained"]:
         run_config.load_pretrained(load_pretrained, module.model, config["pretrained"], announce=main)
@@ -66,13 +62,13 @@ def train_and_evaluate(config: dict[str, Any], workdir: str | os.PathLike,
     if main:
         record = run_report.run_record(
             data, dataset_requested=config["dataset"], device=device_description(config),
+            arithmetic=arithmetic(config["precision"]),
             num_params=sum(p.numel() for p in module.model.parameters()), compile=config["compile"],
             steps_per_epoch=steps_per_epoch, num_devices=world, num_processes=world,
         )
         run_config.prepare_run_dir(config, record)
         atomic_write_json(run_dir / "data_report.json", data.report())
-        for path in checkpointing.clean_leftovers(run_dir):
-            warnings.warn(f"removed an unfinished save left by an interrupted run: {path}", stacklevel=2)
+        checkpointing.clean_leftovers(run_dir)
     # Raises rather than start again while checkpoints exist; skips (and, once the run succeeds, deletes) damaged ones.
     resume_from, damaged = checkpointing.resume_point(run_dir) if config["resume"] else (None, [])
     if config["resume"] and resume_from is None:
@@ -87,13 +83,11 @@ def train_and_evaluate(config: dict[str, Any], workdir: str | os.PathLike,
                                purge_step=purge_step)
     if replay:
         event_files.write_points(logger.experiment, replay)
-    checkpoint_io = checkpointing.AtomicCheckpointIO()
-    profiler = StepProfiler(run_config.parse_profile_steps(config["profile_steps"]), run_dir / "profile")
-    timing = TimingAndMetrics(config, len(data.val), steps_per_epoch, total_steps, checkpoint_io, profiler)
+    sections = Sections()  # named timed sections: checkpoint (the CheckpointIO's), profile (the profiler's)
+    checkpoint_io = checkpointing.AtomicCheckpointIO(sections)
+    profiler = StepProfiler(run_config.parse_profile_steps(config["profile_steps"]), run_dir / "profile", sections)
+    timing = TimingAndMetrics(config, len(data.val), steps_per_epoch, total_steps, checkpoint_io, sections)
     on_cpu = config["accelerator"] == "cpu" or not torch.cuda.is_available()
-    # float32 means full float32 in both stacks (README, "On a GPU"): torch's matmuls already are; cuDNN would run
-    # the patch-embedding convolution in TF32.
-    torch.backends.cudnn.allow_tf32 = config["precision"] != "fp32"
     trainer = pl.Trainer(
         accelerator=config["accelerator"], devices=config["devices"], num_nodes=config["num_nodes"],
         strategy=DDPStrategy(process_group_backend="gloo" if on_cpu else "nccl") if world > 1 else "auto",

@@ -11,5 +11,7 @@ python=${PYTHON:-python3}
 site=${GPU_BENCHMARK_SITE:-/tmp/gpu-benchmark-site}
 "$python" -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
     "$repo"/wheels/*.whl
+# On a GPU machine the project is copied, not pip-installed: the repository root on PYTHONPATH (ahead of any
+# value it had) lets gpu_benchmark.py and the scripts it starts import shared_data, bench, report and the stacks.
 export PYTHONPATH="$site:$repo${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 exec "$python" "$repo/scripts/gpu_benchmark.py" --started-at "$started" "$@"

@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python scripts/train_flax.py`: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from flax_swin.configs import default  # noqa: E402  (light: no JAX import before the flags are checked)
-from shared_data import errors, run_config  # noqa: E402
+from flax_swin.configs import default  # light: no JAX import before the flags are checked
+from shared_data import errors, run_config
 
 PROG = "train_flax.py"
 DESCRIPTION = ("Train Swin Transformer V2 in JAX/Flax NNX (CLU-style loop, data parallel over every device, "

@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as `python scripts/train_lightning.py`: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from lightning_swin.configs import default  # noqa: E402  (light: no torch import before the flags are checked)
-from shared_data import errors, run_config  # noqa: E402
+from lightning_swin.configs import default  # light: no torch import before the flags are checked
+from shared_data import errors, run_config
 
 PROG = "train_lightning.py"
 DESCRIPTION = ("Train Swin Transformer V2 with PyTorch Lightning on the shared Imagenette pipeline (DDP over "

@@ -63,17 +63,19 @@ def write_sidecar(path: str | os.PathLike, digest: str) -> None:
     write_sums(sidecar(path), {Path(path).name: digest})
 
 
-def check_sums(sums_path: Path, checkpoint: Path) -> bool:
-    """Check every file `sums_path` lists (relative to its folder) against its digest. False when there is no
-    `sums_path` (a checkpoint saved before checksums existed), True when all match.
+def check_sums(sums_path: Path, checkpoint: Path) -> None:
+    """Check every file `sums_path` lists (relative to its folder) against its digest.
 
-    Raises CheckpointDamagedError naming `checkpoint` and the first file that is missing or differs, and OSError
-    when a file cannot be read (see read_with_retries).
+    Raises CheckpointDamagedError naming `checkpoint` and the first file that is missing or differs; CheckpointError
+    when `sums_path` itself is missing (every checkpoint is published with its sums, so a checkpoint without them
+    was altered by hand: it is not proven damaged, so it is kept, and nothing is skipped); OSError when a file cannot
+    be read (see read_with_retries).
     """
     try:
         text = sums_path.read_text()
     except FileNotFoundError:
-        return False
+        raise CheckpointError(f"{checkpoint} has no checksums ({sums_path.name} is missing), so it cannot be checked: "
+                              "restore that file, or move the checkpoint away to resume from the one before") from None
     for number, line in enumerate(text.splitlines(), 1):
         digest, _, name = line.partition("  ")
         if len(digest) != 64 or not name:
@@ -86,7 +88,6 @@ def check_sums(sums_path: Path, checkpoint: Path) -> bool:
         if digest_file(path) != digest:
             raise CheckpointDamagedError(f"{checkpoint} is damaged: {what} differs from what was saved "
                                          "(SHA-256 mismatch: truncated or altered)")
-    return True
 
 
 def remove_with_sums(path: str | os.PathLike) -> int:

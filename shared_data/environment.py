@@ -1,9 +1,11 @@
-"""Where a run ran: host peak memory, the device string, library versions, the machine load, a SLURM launch."""
+"""Where a run ran: host peak memory, the device string and a CPU's vector ISA, library versions, the machine load,
+a SLURM launch."""
 
 from __future__ import annotations
 
 import os
 import platform
+import re
 import resource
 import sys
 from importlib import metadata
@@ -31,18 +33,45 @@ def slurm_launched() -> bool:
     return "SLURM_NTASKS" in os.environ and os.environ.get("SLURM_JOB_NAME") not in ("bash", "interactive")
 
 
-def cpu_description() -> str:
-    """'cpu: <model name> x<cores> cores', read from /proc/cpuinfo where it exists."""
-    name = platform.processor() or platform.machine()
+# The widest vector extension a CPU advertises, widest first: /proc/cpuinfo flag -> the name we print. The
+# Flax/PyTorch speed ratio on a CPU changes with it (XLA's CPU kernels use AVX-512 where torch's do not).
+VECTOR_ISAS = (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX"), ("sse4_2", "SSE4.2"),
+               ("sve", "SVE"), ("asimd", "NEON"))
+
+
+def _cpuinfo() -> tuple[str, set[str]]:
+    """(model name, flags) of /proc/cpuinfo's first processor, or (the platform's name, no flags) without it."""
+    found: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as handle:
             for line in handle:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
+                key, _, value = line.partition(":")
+                found.setdefault(key.strip(), value.strip())  # the first processor's line of each key
     except OSError:
         pass
-    return f"cpu: {name} x{os.cpu_count()} cores"
+    name = found.get("model name") or platform.processor() or platform.machine()
+    return name, set((found.get("flags") or found.get("Features") or "").split())
+
+
+def cpu_vector_isa() -> str:
+    """The widest vector instruction set this CPU advertises ('AVX-512', 'AVX2', ..., 'NEON'), or 'unknown'."""
+    _, flags = _cpuinfo()
+    return next((label for flag, label in VECTOR_ISAS if flag in flags), "unknown")
+
+
+def cpu_description() -> str:
+    """'cpu: <model name> (<widest vector ISA>) x<cores> cores', read from /proc/cpuinfo where it exists."""
+    name, _ = _cpuinfo()
+    return f"cpu: {name} ({cpu_vector_isa()}) x{os.cpu_count()} cores"
+
+
+def vector_isa_of(device: str | None) -> str | None:
+    """The vector ISA a device string of cpu_description names ('AVX2'), 'unknown' for a CPU string without one
+    (written before the ISA was recorded), None for a device that is not a CPU."""
+    if not isinstance(device, str) or not device.startswith("cpu:"):
+        return None
+    match = re.search(r"\(([^()]+)\) x\d+ cores$", device)
+    return match.group(1) if match else "unknown"
 
 
 def library_versions(names: tuple[str, ...] = RECORDED_LIBRARIES) -> dict[str, str]:

@@ -1,7 +1,9 @@
-"""The errors both stacks raise when a run cannot go on, their exit codes, and the one way a script exits on them."""
+"""The errors both stacks raise when a run cannot go on, their exit codes, the one way a script exits on them, and
+the one channel both stacks tell a warning through."""
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from typing import Callable, TypeVar
@@ -68,6 +70,42 @@ class CheckpointDamagedError(CheckpointError):
 
 class CheckpointSaveError(RunError):
     """A save that failed (disk full, permissions); the previous complete checkpoint is untouched."""
+
+    @classmethod
+    def at_step(cls, step: int | None, folder: object, error: BaseException) -> "CheckpointSaveError":
+        """The error both stacks raise when saving the checkpoint of global `step` into `folder` failed with `error`:
+        a full disk says what to free, any other failure its first line."""
+        what = f"the checkpoint of step {step}" if step is not None else "a checkpoint"
+        if is_disk_full(error):
+            return cls(f"disk full while saving {what} in {folder}: free space there or lower --keep-checkpoints, "
+                       "then --resume; the previous complete checkpoint is intact")
+        return cls(f"saving {what} in {folder} failed ({first_line(error)}); the previous complete checkpoint is intact")
+
+
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """The first line of an error's message (at most `limit` characters), or its type's name when it has none: what
+    a one-line message quotes of a library's error."""
+    lines = str(error).strip().splitlines()
+    return lines[0][:limit] if lines else type(error).__name__
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether `error`, or one it was raised from, is a full disk (ENOSPC, or a library's error carrying its text)."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return True
+        if os.strerror(errno.ENOSPC) in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def warn(message: str) -> None:
+    """Tell the user something that does not stop the run: one line, 'warning: <message>', on stderr. Both stacks
+    and the shared code warn only through here (not `warnings.warn`, which prefixes a source file and line)."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def exit_on_error(prog: str, run: Callable[[], T], run_name: str | None = None) -> T:

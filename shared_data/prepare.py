@@ -7,7 +7,6 @@ import dataclasses
 import numbers
 import os
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -15,15 +14,12 @@ import numpy as np
 from shared_data.cache import SplitArrays, list_split, load_or_build
 from shared_data.decode import CorruptImageError, SkippedFile, skipped_report, stored_resolution
 from shared_data.download import DatasetUnavailable, DownloadError, fetch_dataset
+from shared_data import errors
 from shared_data.errors import ConfigError, DataError
 from shared_data.registry import NOISY_LABEL_PERCENTS, SYNTHETIC, DatasetSpec, get_spec
 from shared_data.synthetic import SYNTHETIC_SIZES, write_synthetic
 
 CACHE_FOLDER = "cache"
-
-
-class SyntheticFallbackWarning(RuntimeWarning):
-    """Training goes on with synthetic images because the real dataset could not be had."""
 
 
 @dataclasses.dataclass
@@ -136,11 +132,11 @@ def _usable_data_dir(data_dir: str | os.PathLike) -> Path:
 
 
 def _warn_fallback(reason: str, wanted: str) -> None:
-    message = (f"dataset {wanted!r} is unavailable, so this run uses the SYNTHETIC dataset instead. "
-               f"Reason: {reason}")
+    """The one warning made loud: a run that trains on synthetic images instead of the data asked for."""
     bar = "!" * 100
-    print(f"\n{bar}\nWARNING: {message}\n{bar}\n", file=sys.stderr, flush=True)
-    warnings.warn(message, SyntheticFallbackWarning, stacklevel=3)
+    print(f"\n{bar}", file=sys.stderr, flush=True)
+    errors.warn(f"dataset {wanted!r} is unavailable, so this run uses the SYNTHETIC dataset instead. Reason: {reason}")
+    print(f"{bar}\n", file=sys.stderr, flush=True)
 
 
 def _noisy_train_labels(csv_path: Path, train: SplitArrays, percent: int, class_ids: tuple[str, ...]) -> np.ndarray:

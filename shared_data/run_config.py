@@ -8,11 +8,10 @@ import json
 import math
 import os
 import sys
-import warnings
 from pathlib import Path
 from typing import Any, Callable
 
-from shared_data import augment, variants
+from shared_data import augment, errors, variants
 from shared_data.errors import ConfigError
 from shared_data.swin_weights import WeightsFormatError
 from shared_data.trash_safe import atomic_write_json
@@ -93,19 +92,22 @@ _RESUME_MUST_MATCH = (
     "label_smoothing", "drop_path", "grad_clip", "seed", "precision", "synthetic_size", "noisy_labels", "pretrained",
     "augment", "mixup", "cutmix", "reprob", "warmup_start_factor", "cosine_end_factor",
 )
-# What a run recorded before these settings existed trained with (crop and flip only), for the check above.
-_UNRECORDED_BEFORE = dict(augment=augment.BASIC, mixup=0.0, cutmix=0.0, reprob=0.0)
 
 
 def preset_values(preset: str | None, stack_defaults: dict[str, Any]) -> dict[str, Any]:
     """The shared defaults, a stack's own, and `preset` applied over both (a stack's get_config); raises
     ConfigError naming --preset when it is unknown. None values are derived later, by resolve()."""
-    values = dict(DEFAULTS, **stack_defaults)
-    if preset is not None:
-        if preset not in PRESETS:
-            raise ConfigError(f"--preset: unknown preset {preset!r}; choose one of {', '.join(sorted(PRESETS))}")
-        values.update(PRESETS[preset], preset=preset)
-    return values
+    return dict(DEFAULTS, **stack_defaults, **preset_overrides(preset))
+
+
+def preset_overrides(preset: str | None) -> dict[str, Any]:
+    """What `preset` sets over the defaults (with its name); {} for None. Raises ConfigError naming --preset when it
+    is unknown."""
+    if preset is None:
+        return {}
+    if preset not in PRESETS:
+        raise ConfigError(f"--preset: unknown preset {preset!r}; choose one of {', '.join(sorted(PRESETS))}")
+    return dict(PRESETS[preset], preset=preset)
 
 
 def build_parser(stack: str, add_stack_flags: Callable[[argparse.ArgumentParser], None] | None = None,
@@ -172,11 +174,7 @@ def build_parser(stack: str, add_stack_flags: Callable[[argparse.ArgumentParser]
 def resolve(args: argparse.Namespace | dict[str, Any], stack: str) -> dict[str, Any]:
     """Defaults < preset < explicit flags, checked; raises ConfigError naming the bad flag."""
     given = {k: v for k, v in (vars(args) if isinstance(args, argparse.Namespace) else args).items() if v is not None}
-    preset = given.get("preset")
-    if preset is not None and preset not in PRESETS:
-        raise ConfigError(f"--preset: unknown preset {preset!r}; choose one of {', '.join(sorted(PRESETS))}")
-    config = dict(DEFAULTS)
-    config.update(PRESETS.get(preset, {}))
+    config = dict(DEFAULTS, **preset_overrides(given.get("preset")))
     config.update(given)
     config["stack"] = stack
     _check(config)
@@ -211,21 +209,38 @@ def require_run_name(values: dict[str, Any], launched: str) -> None:
                           "pass the same --run-name to each")
 
 
+# Bounds of the integer flags, each the largest value the libraries behind it take as meant: seeds are 32-bit in
+# both stacks (jax.random.key wraps a larger one round to a small one, and numpy refuses a negative one); a global
+# step is int32 in the Flax train state; an image larger than SwinV2-G's 1536 px (the largest official setting)
+# only exhausts memory; a loader of more workers than this starts more threads or processes than any host runs.
+SEED_RANGE = (0, 2**32 - 1)
+MAX_STEPS = 2**31 - 1
+MAX_IMG_SIZE = 1536
+MAX_WORKERS = 256
+_INTEGER_RANGES = {  # key: (flag, lowest, highest); None values are derived later and checked then
+    "batch_size": ("--batch-size", 1, None), "epochs": ("--epochs", 1, MAX_STEPS),
+    "keep_checkpoints": ("--keep-checkpoints", 1, None), "max_steps": ("--max-steps", 1, MAX_STEPS),
+    "checkpoint_every_steps": ("--checkpoint-every-steps", 0, None), "seed": ("--seed", *SEED_RANGE),
+    "num_workers": ("--num-workers", 0, MAX_WORKERS), "img_size": ("--img-size", 1, MAX_IMG_SIZE),
+}
+
+
 def _check(config: dict[str, Any]) -> None:
-    """Reject impossible values before any data is read."""
-    positive = {"batch_size": "--batch-size", "epochs": "--epochs", "keep_checkpoints": "--keep-checkpoints"}
-    for key, flag in positive.items():
-        if not isinstance(config[key], int) or config[key] < 1:
-            raise ConfigError(f"{flag} must be a positive integer, got {config[key]!r}")
-    non_negative = {
-        "warmup_epochs": "--warmup-epochs", "weight_decay": "--weight-decay", "grad_clip": "--grad-clip",
-        "checkpoint_every_steps": "--checkpoint-every-steps",
-    }
+    """Reject impossible values before any data is read: every flag is checked here, or by argparse's choices, or
+    (the data and weights flags) where the file is first read, each with a one-line ConfigError naming it."""
+    for key, (flag, lowest, highest) in _INTEGER_RANGES.items():
+        value = config[key]
+        if value is None and key in ("max_steps", "num_workers", "img_size"):
+            continue
+        in_range = isinstance(value, int) and not isinstance(value, bool) and value >= lowest and (
+            highest is None or value <= highest)
+        if not in_range:
+            bounds = f"from {lowest} to {highest}" if highest is not None else f">= {lowest}"
+            raise ConfigError(f"{flag} must be an integer {bounds}, got {value!r}")
+    non_negative = {"warmup_epochs": "--warmup-epochs", "weight_decay": "--weight-decay", "grad_clip": "--grad-clip"}
     for key, flag in non_negative.items():
-        if not (config[key] >= 0 and math.isfinite(config[key])):
-            raise ConfigError(f"{flag} must be >= 0, got {config[key]!r}")
-    if config["max_steps"] is not None and config["max_steps"] < 1:
-        raise ConfigError(f"--max-steps must be a positive integer, got {config['max_steps']!r}")
+        if not (isinstance(config[key], (int, float)) and config[key] >= 0 and math.isfinite(config[key])):
+            raise ConfigError(f"{flag} must be a number >= 0, got {config[key]!r}")
     for key in ("lr", "base_lr"):
         if config[key] is not None and not (config[key] > 0 and math.isfinite(config[key])):
             raise ConfigError(f"--{key.replace('_', '-')} must be a positive number, got {config[key]!r}")
@@ -233,10 +248,10 @@ def _check(config: dict[str, Any]) -> None:
         raise ConfigError(f"--label-smoothing must be in [0, 1), got {config['label_smoothing']!r}")
     if config["drop_path"] is not None and not 0 <= config["drop_path"] < 1:
         raise ConfigError(f"--drop-path must be in [0, 1), got {config['drop_path']!r}")
-    if config["num_workers"] is not None and config["num_workers"] < 0:
-        raise ConfigError(f"--num-workers must be >= 0, got {config['num_workers']!r}")
-    if config["img_size"] is not None and config["img_size"] < 1:
-        raise ConfigError(f"--img-size must be positive, got {config['img_size']!r}")
+    for key, choices in (("synthetic_size", SYNTHETIC_SIZES), ("noisy_labels", NOISY_LABEL_PERCENTS)):
+        if config[key] not in choices:
+            raise ConfigError(f"--{key.replace('_', '-')} must be one of {', '.join(map(str, choices))}, "
+                              f"got {config[key]!r}")
     if config["model"] not in variants.VARIANTS:
         raise ConfigError(f"--model: unknown variant {config['model']!r}; run with --help for the list")
     if config["dataset"] not in DATASETS:
@@ -282,9 +297,14 @@ def load_pretrained(load: Callable[[Any, str], Any], model: Any, path: str, *, a
 
 
 def total_steps(config: dict[str, Any], steps_per_epoch: int) -> int:
-    """Optimiser steps in the whole run: --max-steps when given, else epochs x steps per epoch."""
+    """Optimiser steps in the whole run: --max-steps when given, else epochs x steps per epoch; raises ConfigError
+    naming --epochs when that product passes MAX_STEPS (an int32 step count)."""
     full = config["epochs"] * steps_per_epoch
-    return min(full, config["max_steps"]) if config["max_steps"] else full
+    total = min(full, config["max_steps"]) if config["max_steps"] else full
+    if total > MAX_STEPS:
+        raise ConfigError(f"--epochs {config['epochs']} x {steps_per_epoch} steps per epoch is {total} steps, more "
+                          f"than {MAX_STEPS}; lower --epochs or give --max-steps")
+    return total
 
 
 def warmup_steps(config: dict[str, Any], steps_per_epoch: int) -> int:
@@ -336,7 +356,7 @@ def check_run_dir(config: dict[str, Any], extra: dict[str, Any] | None = None) -
         refuse_existing_run(config)
         return False
     record = dict(config, **(extra or {}))
-    saved = dict(_UNRECORDED_BEFORE, **json.loads(config_path.read_text()))
+    saved = json.loads(config_path.read_text())
     changed = [k for k in _RESUME_MUST_MATCH if k in saved and saved[k] != record.get(k)]
     if changed:
         diffs = ", ".join(f"--{k.replace('_', '-')} {saved[k]!r} -> {record.get(k)!r}" for k in changed)
@@ -354,7 +374,7 @@ def refuse_existing_run(config: dict[str, Any]) -> None:
 
 def warn_no_checkpoint(run_dir: str | os.PathLike) -> None:
     """The one warning of a --resume with nothing to continue from: the run starts from step 0."""
-    warnings.warn(f"--resume: {run_dir} has no checkpoint yet; starting from step 0", stacklevel=2)
+    errors.warn(f"--resume: {run_dir} has no checkpoint yet; starting from step 0")
 
 
 def _write_record(path: Path, record: dict[str, Any]) -> None:
@@ -363,13 +383,3 @@ def _write_record(path: Path, record: dict[str, Any]) -> None:
         atomic_write_json(path, record)
     except OSError as error:
         raise ConfigError(f"--logdir: cannot write {path} ({error.strerror}); choose a writable --logdir") from None
-
-
-def parse_or_exit(parser: argparse.ArgumentParser, stack: str, argv: list[str] | None = None) -> dict[str, Any]:
-    """Parse and resolve flags; a bad value ends the program with argparse's one-line usage error."""
-    args = parser.parse_args(argv)
-    try:
-        return resolve(args, stack)
-    except ConfigError as error:
-        parser.error(str(error))
-    raise AssertionError("unreachable")

@@ -9,13 +9,14 @@ from typing import Any
 from shared_data import environment, tags
 
 
-def run_record(data: Any, *, dataset_requested: str, device: str, num_params: int, compile: bool, steps_per_epoch: int, num_devices: int,
-               num_processes: int) -> dict[str, Any]:
+def run_record(data: Any, *, dataset_requested: str, device: str, arithmetic: str, num_params: int, compile: bool,
+               steps_per_epoch: int, num_devices: int, num_processes: int) -> dict[str, Any]:
     """The facts config.json records beside the flags: the dataset actually used (`data` is a PreparedData),
-    the device string, library versions, parameter count, and the run's shape (steps per epoch, devices)."""
+    the device string, what --precision computes (each stack's devices.arithmetic), library versions, parameter
+    count, and the run's shape (steps per epoch, devices)."""
     return dict(
         dataset=data.dataset, dataset_requested=dataset_requested, fell_back=data.fell_back,
-        num_classes=data.num_classes, device=device, versions=environment.library_versions(),
+        num_classes=data.num_classes, device=device, arithmetic=arithmetic, versions=environment.library_versions(),
         num_params=int(num_params), compile=bool(compile), steps_per_epoch=int(steps_per_epoch),
         num_devices=int(num_devices), num_processes=int(num_processes),
     )
@@ -93,16 +94,27 @@ def run_summary(history: list[dict[str, float]], *, steps: int, steps_per_epoch:
                 best_val_accuracy: float | None = None) -> dict[str, Any]:
     """summary.json: final and best val accuracy (0..1), steps, epochs completed, wall seconds, and the median
     images/s over the whole epochs (those split by a resume are listed under `partial_epochs`, not counted)."""
-    def median(key: str) -> float | None:
-        values = [entry[key] for entry in history if not entry.get("partial")]
-        return statistics.median(values) if values else None
-
     accuracies = [entry["val_accuracy"] for entry in history]
-    if best_val_accuracy is None and accuracies:
-        best_val_accuracy = max(accuracies)
     return dict(
         wall_time_s=wall_time_s, final_val_accuracy=accuracies[-1] if accuracies else None,
-        best_val_accuracy=best_val_accuracy, steps=int(steps), epochs_completed=int(steps) // steps_per_epoch,
-        images_per_s={"train": median("train_images_per_s"), "val": median("val_images_per_s")},
+        best_val_accuracy=best_accuracy(history, best_val_accuracy), steps=int(steps),
+        epochs_completed=int(steps) // steps_per_epoch,
+        images_per_s={"train": whole_epoch_median(history, "train_images_per_s"),
+                      "val": whole_epoch_median(history, "val_images_per_s")},
         partial_epochs=[entry["epoch"] for entry in history if entry.get("partial")],
     )
+
+
+def whole_epoch_median(history: list[dict[str, float]], key: str) -> float | None:
+    """The median of `key` over the history's whole epochs (an epoch split by a resume is partial, left out); None
+    when there is none."""
+    values = [entry[key] for entry in history if not entry.get("partial")]
+    return statistics.median(values) if values else None
+
+
+def best_accuracy(history: list[dict[str, float]], best_val_accuracy: float | None = None) -> float | None:
+    """The run's best val accuracy (0..1): `best_val_accuracy` when the stack tracks it, else the history's best."""
+    accuracies = [entry["val_accuracy"] for entry in history]
+    if best_val_accuracy is None and accuracies:
+        return max(accuracies)
+    return best_val_accuracy

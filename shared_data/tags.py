@@ -1,10 +1,22 @@
 """The TensorBoard tag names and units both stacks write, defined once so the traces can be diffed."""
 
-# The clock, defined once; both stacks measure these the same way, in seconds of the host's perf_counter.
-# Both keep one step in flight: the host queues step k+1 before it waits for step k, and learns that step k
-# is complete when it reads step k's loss.
-# - step time: the interval between the completions of consecutive optimiser steps;
-# - data wait: the host time spent obtaining the next batch from the loader within that interval;
+# The clock, defined once; both stacks measure these the same way (shared_data.clock), in seconds.
+# - completion of step k: the moment step k's work finished, measured by each stack as faithfully as it can:
+#     torch on a CPU (eager or compiled), where the step runs synchronously: when the optimiser step returns, on the
+#       host's perf_counter;
+#     torch on a GPU: a CUDA event recorded after the optimiser step; a step's time is the device's elapsed_time
+#       between consecutive events, read one step later without synchronising the device every step;
+#     JAX, whose dispatch is asynchronous on every device: the host's perf_counter when step k's outputs become
+#       ready, stamped by a thread that waits on them (jax.block_until_ready), so the stamp does not wait for the
+#       loop's next fetch. The loop keeps one step in flight: it waits for step k before it queues step k+2. The
+#       stamp can lag the true end by the thread's wake-up; measured against steps each closed by block_until_ready
+#       in the loop (bench.clock_check), the medians agree to within the measurement's noise (docs/performance.md).
+# - step time: the interval between the completions of consecutive optimiser steps, less the host time spent
+#   between them in a checkpoint save or in starting or stopping a profile; an epoch's first step (or a resumed run's)
+#   counts from the start of the epoch's training;
+# - data wait: the host time spent fetching the step's own batch from the loader, counted inside the step's interval
+#   (a fetch that overlapped the previous step's computation counts from that step's completion); where completion
+#   is device time (torch on a GPU) the host's fetch cannot be placed on it, and the wait is capped at the step time;
 # - compute: step time minus data wait (the device's work and whatever host work it did not hide);
 # - evaluation: a whole validation pass, from its first batch to its metrics on the host;
 # - checkpoint: the time saving blocked training (an asynchronous save's background writing excluded);
@@ -44,3 +56,51 @@ PER_EPOCH = (
 EPOCH_AXIS = PER_EPOCH + (DEVICE_PEAK_MB,)
 # Every tag a run on any device must write (DEVICE_PEAK_MB only where the device reports memory).
 REQUIRED = PER_STEP + (FIRST_STEP_TIME,) + PER_EPOCH
+
+# Once per run, when its training ends, at its last global step: the outcome the HParams dashboard compares
+# (shared_data.dashboards). Not in REQUIRED: an interrupted run has none.
+RUN_BEST_VAL_ACCURACY = "run/best_val_accuracy"  # 0..1, the best of every epoch's val/accuracy
+RUN_MEDIAN_STEP_TIME = "run/median_step_s"  # the median time/step_s, every step but the first (compilation)
+RUN_TRAIN_IMAGES_PER_S = "run/train_images_per_s"  # summary.json's: the median over the whole epochs
+RUN_OUTCOME = (RUN_BEST_VAL_ACCURACY, RUN_MEDIAN_STEP_TIME, RUN_TRAIN_IMAGES_PER_S)
+
+
+# bf16 training, defined once (--precision bf16, both stacks). The reference is mixed precision as PyTorch's autocast
+# does it on a GPU, because it is what a PyTorch user gets: torch runs under torch.autocast(dtype=torch.bfloat16)
+# (Lightning's "bf16-mixed"), the Flax model is built with dtype=jnp.bfloat16. Both models follow it explicitly, so the
+# same arithmetic holds on a CPU as on a GPU: on a CPU, autocast alone keeps layer_norm, softmax and GELU in bf16
+# after a bf16 input (on a GPU, layer_norm and softmax are on its float32 list), so the torch model computes its
+# LayerNorms and the attention logits in float32 with autocast off.
+# - bf16: the inputs of every matmul and convolution and what they return: the patch-embedding convolution; the qkv,
+#   output-projection, MLP (fc1, fc2), patch-merging and head linears; the softmax's probabilities times the values.
+#   The element-wise steps between two of them (the q and v biases, GELU, dropout) take and return bf16; GELU is
+#   computed inside in float32, as PyTorch's kernels do.
+# - float32: the parameters, their gradients and the optimiser state; the residual stream (from the patch embedding's
+#   norm on: the absolute position embedding, each block's residual adds and drop path); every LayerNorm's statistics
+#   and output; the attention logits (the normalised queries and keys, their product, the temperature), the position
+#   bias (its MLP included), the shift mask and the softmax; the pooled features; the loss.
+# - Every upcast goes to the promoted type of its input and float32, never down: a float64 model (torch's
+#   model.double(), the Flax model's dtype=jnp.float64 under jax_enable_x64) computes in float64 throughout.
+# Where a framework cannot follow it exactly, so that the stacks agree on which tensors are bf16 but not bit for bit:
+# - PyTorch adds a linear's or the convolution's bias to the product before rounding to bf16, once; Flax's nnx.Linear
+#   and nnx.Conv round the product to bf16, then add the bias in bf16 and round again (the Flax model adds the q and v
+#   biases after the qkv product too);
+# - XLA may leave out a rounding to bf16 inside a fused computation (its default xla_allow_excess_precision), keeping
+#   a product in float32 until the next float32 step;
+# - the torch model returns the head's bf16 logits, which the loss upcasts; the Flax model returns them in float32.
+# The definition in one line, for config.json's "arithmetic" and the report's runs table:
+BF16_SUMMARY = ("bf16 as shared_data.tags defines it: matmul and convolution inputs and outputs bf16; parameters, "
+                "optimiser state, residual stream, norms, attention logits, bias, mask, softmax and loss float32")
+# Where the stacks' bf16 differs, in one line (the report prints it under a bf16 comparison):
+BF16_DIFFERENCES = ("PyTorch rounds a linear's product and bias once to bf16, Flax rounds the product then the sum; "
+                    "XLA may keep a fused product in float32 (xla_allow_excess_precision); the torch model returns "
+                    "bf16 logits, the Flax model float32 ones")
+# The named tensors that tests/test_precision.py reads in each stack's bf16 training step:
+BF16_TENSORS = (
+    "patch embedding convolution", "qkv projection", "attention-weighted values", "attention output projection",
+    "MLP hidden", "GELU", "MLP output", "patch merging reduction", "head",
+)
+FLOAT32_TENSORS = (
+    "parameters", "gradients", "residual stream", "norm outputs", "normalised queries and keys", "position bias MLP",
+    "position bias", "attention logits", "softmax", "pooled features", "loss",
+)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -11,6 +12,9 @@ from typing import Any, Callable
 # Module-level so tests can swap in a "move to trash" removal and check what lands there.
 _unlink: Callable[[str | os.PathLike], None] = os.unlink
 _rmdir: Callable[[str | os.PathLike], None] = os.rmdir
+# atomic_write_bytes writes "<name>" as ".<name>.<random>.tmp" and renames it into place when whole, so a file of
+# that shape is a write that never finished.
+_PARTIAL_WRITE = re.compile(r"^\.(?P<name>.+)\.[^.]+\.tmp$")
 
 
 def _truncate_and_unlink(path: Path) -> int:
@@ -57,8 +61,16 @@ def tree_size(path: str | os.PathLike) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
 
 
+def partial_write_target(path: str | os.PathLike) -> str | None:
+    """The name atomic_write_bytes was writing when it left `path` (".<name>.<random>.tmp"), or None for any other
+    name."""
+    match = _PARTIAL_WRITE.match(Path(path).name)
+    return match.group("name") if match else None
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write a file so a crash leaves either the old content or the new, never a partial file."""
+    """Write a file so a crash leaves either the old content or the new, never a partial file (see
+    partial_write_target for the name it uses meanwhile)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

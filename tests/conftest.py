@@ -8,6 +8,7 @@ import pytest
 
 from shared_data.prepare import PreparedData, prepare_data
 from shared_data.synthetic import write_synthetic
+from tests import stacks
 
 SYNTHETIC_SIZE = "tiny"  # 20 train + 10 val images per class
 SYNTHETIC_SEED = 0
@@ -46,3 +47,10 @@ def compilation_cache(tmp_path_factory):
     for name, value in before.items():
         jax.config.update(name, value)
     cache.reset_cache()
+
+
+@pytest.fixture
+def one_torch_thread():
+    """torch on one intra-op thread for the test, restored after it (tests.stacks.torch_threads)."""
+    with stacks.torch_threads(1):
+        yield

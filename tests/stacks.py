@@ -2,16 +2,39 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import runpy
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from shared_data import run_config
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+REPO = Path(__file__).resolve().parents[1]
 STACKS = ("lightning", "flax")
 # The nano model at 64 px on the session's tiny synthetic set (200 train images: 6 steps of 32 per epoch).
 SMOKE_TINY = ["--preset", "smoke", "--synthetic-size", "tiny", "--num-workers", "1"]
+
+
+def script_main(name: str) -> Callable[[list[str] | None], int]:
+    """The `main(argv)` of scripts/<name>.py, called in this process as the command line would (scripts/ is not a
+    package: it holds entry points only)."""
+    return runpy.run_path(str(REPO / "scripts" / f"{name}.py"))["main"]
+
+
+@contextlib.contextmanager
+def torch_threads(count: int = 1) -> Iterator[None]:
+    """torch's intra-op thread count set to `count` inside the block and restored after it: several test suites share
+    two cores, where spinning OpenMP threads slow each step by 10x."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def train(stack: str, logdir: Path, data_dir: Path, *flags: str, run_name: str = "run",

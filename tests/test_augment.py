@@ -134,7 +134,7 @@ def test_soft_target_loss_is_equal_in_both_stacks(prepared_data):
     import jax.numpy as jnp
     import torch
 
-    from flax_swin.train import soft_target_cross_entropy as flax_loss
+    from flax_swin.steps import soft_target_cross_entropy as flax_loss
     from lightning_swin.module import soft_target_cross_entropy as torch_loss
 
     _, _, targets = _train(prepared_data, 0, 0, 3)
@@ -197,19 +197,3 @@ def test_same_start_with_the_official_augmentation_trains_the_same_in_both_stack
               for stack in stacks.STACKS]
     assert len(losses[0]) == len(losses[1]) == 6
     assert np.abs(losses[0] - losses[1]).max() <= 1e-3
-
-
-def test_resuming_a_run_recorded_before_augmentation_existed_keeps_its_crop_and_flip(tmp_path):
-    import json
-
-    parser = run_config.build_parser("flax")
-    flags = ["--logdir", str(tmp_path), "--run-name", "old"]
-    run_config.prepare_run_dir(run_config.resolve(parser.parse_args(flags + ["--augment", "basic"]), "flax"))
-    path = tmp_path / "flax" / "old" / "config.json"
-    recorded = json.loads(path.read_text())
-    path.write_text(json.dumps({key: value for key, value in recorded.items()
-                                if key not in ("augment", "mixup", "cutmix", "reprob")}))
-    with pytest.raises(run_config.ConfigError, match="--augment 'basic' -> 'official'"):
-        run_config.prepare_run_dir(run_config.resolve(parser.parse_args(flags + ["--resume"]), "flax"))
-    resumed = run_config.resolve(parser.parse_args(flags + ["--resume", "--augment", "basic"]), "flax")
-    assert run_config.prepare_run_dir(resumed) == path.parent

@@ -1,4 +1,4 @@
-"""Tests of scripts/benchmark.py: identical settings for both stacks, records, failures, and a real CPU smoke run."""
+"""bench/benchmark.py and bench/runner.py: identical settings for both stacks, records, failures, a CPU smoke run."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.custom_scalar import metadata as custom_scalar_metadata
 
-from scripts import benchmark
+from bench import benchmark, runner
 from tests.test_compare import write_fake_run
 
 # A stand-in for a training script: it takes the shared flags, copies a run folder written beforehand with
@@ -34,6 +36,7 @@ FAKE_TRAINING_SCRIPT = textwrap.dedent("""
     shutil.copytree({template!r}, run_dir)
     config = json.loads((run_dir / "config.json").read_text())
     config.update(run_name=args.run_name, compile=args.compile, batch_size=int(args.batch_size or 8),
+                  img_size=int(args.img_size or config["img_size"]),
                   precision=args.precision or "fp32", pretrained=args.pretrained)
     (run_dir / "config.json").write_text(json.dumps(config))
     (run_dir / "argv.json").write_text(json.dumps(sys.argv[1:]))
@@ -60,15 +63,15 @@ FAKE_PREPARE_SCRIPT = textwrap.dedent("""
 def install_fake_scripts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lightning_exit: int = 0,
                          load: float = 0.0) -> None:
     """Fake training and data scripts, and a host whose 1-minute load stays at `load`."""
-    monkeypatch.setattr(benchmark, "load_1m", lambda: load)
+    monkeypatch.setattr(runner, "load_1m", lambda: load)
     (tmp_path / "fake_prepare_data.py").write_text(FAKE_PREPARE_SCRIPT)
-    monkeypatch.setattr(benchmark, "PREPARE_SCRIPT", tmp_path / "fake_prepare_data.py")
+    monkeypatch.setattr(runner, "PREPARE_SCRIPT", tmp_path / "fake_prepare_data.py")
     scripts = {}
     for stack, exit_code, step_s in (("lightning", lightning_exit, 1.0), ("flax", 0, 0.5)):
         template = write_fake_run(tmp_path / "templates", stack, step_s=step_s)
         scripts[stack] = tmp_path / f"fake_train_{stack}.py"
         scripts[stack].write_text(FAKE_TRAINING_SCRIPT.format(exit_code=exit_code, stack=stack, template=str(template)))
-    monkeypatch.setattr(benchmark, "TRAINING_SCRIPTS", scripts)
+    monkeypatch.setattr(runner, "TRAINING_SCRIPTS", scripts)
 
 
 def _without_script_and_name(command: tuple[str, ...]) -> list[str]:
@@ -118,6 +121,10 @@ def test_benchmark_runs_both_stacks_records_them_and_writes_the_comparison(tmp_p
     record = json.loads((logdir / "benchmark.json").read_text())
     assert [(run["stack"], run["compile"], run["returncode"]) for run in record["runs"]] == [
         ("flax", False, 0), ("lightning", False, 0), ("lightning", True, 0)]
+    # TensorBoard over the runs folder shows the custom-scalars layout from its root, before any run wrote one.
+    root = EventAccumulator(str(logdir))
+    root.Reload()
+    assert root.Tags()["tensors"] == [custom_scalar_metadata.CONFIG_SUMMARY_TAG]
     assert record["environment"]["versions"]["numpy"] and record["environment"]["versions"]["python"]
     assert all(len(run["load_average_1m"]) == 2 for run in record["runs"])
     flax_argv = json.loads((logdir / "flax" / "bs8-fp32-r0" / "argv.json").read_text())
@@ -127,9 +134,37 @@ def test_benchmark_runs_both_stacks_records_them_and_writes_the_comparison(tmp_p
     assert "| Training: Flax vs Lightning eager |" in report and "Flax is 2.00x faster than Lightning eager" in report
     assert "Training: Flax vs Lightning compiled" in report
     assert len(list(out.glob("*.png"))) == 5
-    assert re.search(r"\| flax/bs8-fp32-r0 \| flax \| False \| 0 \| random \| 3 \| cpu: Test CPU x2 cores \| "
+    assert re.search(r"\| flax/bs8-fp32-r0 \| flax \| False \| 0 \| random \| 3 \| cpu: Test CPU \(AVX2\) x2 cores \| fp32 \| "
                      r"0\.0 / 0\.0 \| \d+ / \d+ \|", report)
     assert "†" not in report
+
+
+def test_several_batch_and_image_sizes_plan_a_run_set_each_and_give_how_the_cost_grows(tmp_path, monkeypatch):
+    args = benchmark.parse_args(["--img-sizes", "64", "128", "--batch-sizes", "8", "16", "--no-compile"])
+    planned = benchmark.plan_runs(args, tmp_path / "planned")
+    assert [run.run_name for run in planned if run.stack == "flax"] == [
+        "px64-bs8-r0", "px64-bs16-r0", "px128-bs8-r0", "px128-bs16-r0"]
+    for run in planned:
+        size, batch = run.run_name.split("-")[:2]
+        assert run.command[run.command.index("--img-size") + 1] == size.removeprefix("px")
+        assert run.command[run.command.index("--batch-size") + 1] == batch.removeprefix("bs")
+
+    install_fake_scripts(tmp_path, monkeypatch)
+    logdir, out = tmp_path / "runs", tmp_path / "report"
+    assert benchmark.main(["--batch-sizes", "8", "16", "--img-sizes", "64", "128", "--no-compile", "--data-dir",
+                           str(tmp_path / "data"), "--logdir", str(logdir), "--out", str(out)]) == 0
+    # The data of each image size prepared before any run.
+    assert (logdir / "logs" / "prepare_data-1.log").exists()
+    report = (out / "report.md").read_text()
+    section = report[report.index("## How the cost grows"):report.index("## Runs")]
+    assert "| Flax | 128 | 16 |" in section and "| Lightning eager | 64 | 8 |" in section
+    assert (out / "cost_growth.png").exists()
+
+
+def test_img_size_and_img_sizes_together_are_a_flag_error(capsys):
+    with pytest.raises(SystemExit) as raised:
+        benchmark.parse_args(["--img-size", "64", "--img-sizes", "64", "128"])
+    assert raised.value.code == 2 and "--img-size and --img-sizes" in capsys.readouterr().err
 
 
 def test_failed_training_run_stops_the_benchmark_naming_its_log(tmp_path, monkeypatch):
@@ -147,7 +182,7 @@ def test_failed_training_run_stops_the_benchmark_naming_its_log(tmp_path, monkey
 
 
 def test_missing_training_script_is_a_one_line_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(benchmark, "TRAINING_SCRIPTS", dict.fromkeys(("lightning", "flax"), tmp_path / "nope.py"))
+    monkeypatch.setattr(runner, "TRAINING_SCRIPTS", dict.fromkeys(("lightning", "flax"), tmp_path / "nope.py"))
     with pytest.raises(SystemExit, match=r"^benchmark.py: script\(s\) not found: .*nope.py"):
         benchmark.main(["--logdir", str(tmp_path / "runs")])
 
@@ -197,7 +232,7 @@ def test_each_benchmark_run_starts_with_fresh_private_compile_cache_folders(tmp_
     assert all(folder.is_relative_to(tmp_path / "runs" / "compile-caches") for folder in folders)
     assert all(held == [] for run in seen.values() for held in run["held_at_start"].values())
     assert record["compile_caches"] == "cold"
-    assert all(set(run["compile_caches"]) == set(benchmark.COMPILE_CACHE_VARIABLES) for run in record["runs"])
+    assert all(set(run["compile_caches"]) == set(runner.COMPILE_CACHE_VARIABLES) for run in record["runs"])
     assert "- compile caches: cold (fresh per run)" in report
 
 
@@ -225,14 +260,14 @@ def test_dry_run_shows_each_runs_own_compile_cache_folders(tmp_path, capsys):
 def test_host_load_above_the_cores_is_waited_out_up_to_the_bound():
     said, slept = [], []
     loads = iter([3.5, 2.5, 1.5])
-    assert benchmark.wait_for_quiet(2, 120, load=lambda: next(loads), sleep=slept.append, say=said.append) == (1.5, 10)
+    assert runner.wait_for_quiet(2, 120, load=lambda: next(loads), sleep=slept.append, say=said.append) == (1.5, 10)
     assert slept == [5.0, 5.0]
     assert said == ["host load 3.50 is above the 2 cores: waiting up to 120 s for it to fall ..."]
     slept.clear()
-    assert benchmark.wait_for_quiet(2, 12, load=lambda: 4.0, sleep=slept.append, say=said.append) == (4.0, 12)
+    assert runner.wait_for_quiet(2, 12, load=lambda: 4.0, sleep=slept.append, say=said.append) == (4.0, 12)
     assert slept == [5.0, 5.0, 2.0]
-    assert benchmark.wait_for_quiet(2, 0, load=lambda: 4.0, sleep=slept.append, say=said.append) == (4.0, 0)
-    assert benchmark.wait_for_quiet(2, 120, load=lambda: 0.3, sleep=slept.append, say=said.append) == (0.3, 0)
+    assert runner.wait_for_quiet(2, 0, load=lambda: 4.0, sleep=slept.append, say=said.append) == (4.0, 0)
+    assert runner.wait_for_quiet(2, 120, load=lambda: 0.3, sleep=slept.append, say=said.append) == (0.3, 0)
 
 
 def test_runs_started_under_contention_are_recorded_and_marked_in_the_report(tmp_path, monkeypatch):
@@ -250,12 +285,12 @@ def test_threads_of_each_stack_are_recorded(tmp_path, monkeypatch):
 
     install_fake_scripts(tmp_path, monkeypatch)
     record, _ = _benchmark(tmp_path, "--no-compile")
-    assert all(run["threads"] == {"torch_intra_op": torch.get_num_threads(), "xla_cpu": benchmark.xla_cpu_threads()}
+    assert all(run["threads"] == {"torch_intra_op": torch.get_num_threads(), "xla_cpu": runner.xla_cpu_threads()}
                for run in record["runs"])
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
-    assert benchmark.xla_cpu_threads() == 1
+    assert runner.xla_cpu_threads() == 1
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-    assert benchmark.xla_cpu_threads() == os.cpu_count()
+    assert runner.xla_cpu_threads() == os.cpu_count()
 
 
 def test_same_init_writes_one_set_of_weights_and_starts_every_run_from_it(tmp_path, monkeypatch):

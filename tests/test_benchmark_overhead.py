@@ -1,4 +1,4 @@
-"""Tests of scripts/benchmark_overhead.py on event files written here with known epoch times; nothing is trained."""
+"""Tests of bench/overhead.py on event files written here with known epoch times; nothing is trained."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from tensorboardX import SummaryWriter
 
-from scripts import benchmark_overhead
-from scripts.compare import CONTENDED
+from bench import overhead
+from report.compare import CONTENDED
 from shared_data import tags
 
 CPU = "cpu: Test CPU x2 cores"
@@ -21,7 +21,7 @@ def write_epoch_times(logdir: Path, stack: str, run_name: str, train_times: list
     run_dir = logdir / stack / run_name
     run_dir.mkdir(parents=True)
     config = {"stack": stack, "dataset": "synthetic", "model": "swinv2_nano_window4_64", "img_size": 64,
-              "batch_size": 32, "precision": "fp32", "device": CPU, "epochs": len(train_times)}
+              "batch_size": 32, "precision": "fp32", "augment": "basic", "device": CPU, "epochs": len(train_times)}
     (run_dir / "config.json").write_text(json.dumps(config))
     writer = SummaryWriter(logdir=str(run_dir))
     for epoch, seconds in enumerate(train_times, start=1):
@@ -30,11 +30,11 @@ def write_epoch_times(logdir: Path, stack: str, run_name: str, train_times: list
 
 
 def planned_runs(logdir: Path, repeats: int = 2) -> list:
-    return benchmark_overhead.plan_runs(benchmark_overhead.parse_args(["--repeats", str(repeats)]), logdir)
+    return overhead.plan_runs(overhead.parse_args(["--repeats", str(repeats)]), logdir)
 
 
 def run_records(planned: list, load: float = 0.5, cores: int = 2) -> list[dict]:
-    """What benchmark.run_planned records of each run: the load before and after it."""
+    """What runner.run_planned records of each run: the load before and after it."""
     return [{"stack": item.stack, "run_name": item.run_name, "wall_s": 12.0, "load_average_1m": [load, load + 0.25],
              "cores": cores, "contended": load > cores} for item in planned]
 
@@ -55,13 +55,13 @@ def fake_overhead_runs(tmp_path: Path) -> tuple[Path, list]:
     for item in planned:
         repeat = int(item.run_name.rsplit("-r", 1)[1])
         write_epoch_times(logdir, item.stack, item.run_name,
-                          EPOCH_TIMES[item.stack, benchmark_overhead.timing_of(item)][repeat])
+                          EPOCH_TIMES[item.stack, overhead.timing_of(item)][repeat])
     return logdir, planned
 
 
 def test_overhead_is_the_ratio_of_medians_over_the_epochs_after_the_first(fake_overhead_runs):
     logdir, planned = fake_overhead_runs
-    flax, lightning = benchmark_overhead.overheads(logdir, planned)
+    flax, lightning = overhead.overheads(logdir, planned)
     assert (flax.stack, lightning.stack) == ("flax", "lightning")
     assert flax.on_s == pytest.approx(1.03) and flax.off_s == pytest.approx(1.00)
     assert flax.percent == pytest.approx(3.0)
@@ -72,15 +72,26 @@ def test_overhead_is_the_ratio_of_medians_over_the_epochs_after_the_first(fake_o
     assert flax.epochs_on == flax.epochs_off == 6  # 3 epochs after the first, 2 repeats
 
 
+def test_an_overhead_below_the_target_by_less_than_its_own_error_does_not_meet_it():
+    noisy = overhead.Overhead("flax", 1.015, 1.0, 6, 6, on_times=(1.0, 1.03) * 3, off_times=(1.0,) * 6)
+    assert noisy.percent == pytest.approx(1.5) and noisy.error_percent == pytest.approx(1.24, abs=0.01)
+    assert not noisy.target_met
+    spread = overhead.Overhead("flax", 0.98, 1.0, 6, 6, on_times=(0.9, 1.06) * 3, off_times=(1.0,) * 6)
+    assert spread.percent < 0 and spread.error_percent > 2 and not spread.target_met
+    steady = overhead.Overhead("flax", 1.015, 1.0, 6, 6, on_times=(1.015,) * 6, off_times=(1.0,) * 6)
+    assert steady.error_percent == pytest.approx(0.0, abs=1e-9) and steady.target_met
+
+
 def test_report_table_and_json_record_state_each_stack_load_and_versions(fake_overhead_runs):
     logdir, planned = fake_overhead_runs
     record = {"environment": ENVIRONMENT, "runs": run_records(planned)}
-    benchmark_overhead.summarize(logdir, planned, record)
+    overhead.summarize(logdir, planned, record)
     assert json.loads(json.dumps(record))["overhead"][0]["target_met"] is False
-    lines = benchmark_overhead.format_report(record).splitlines()
-    assert lines[0].split() == ["stack", "timing", "on", "s", "timing", "off", "s", "overhead", "target", "<", "2%"]
-    assert lines[1].split() == ["Flax", "1.030", "1.000", "+3.00%", "not", "met"]
-    assert lines[2].split() == ["Lightning", "eager", "2.010", "2.000", "+0.50%", "met"]
+    lines = overhead.format_report(record).splitlines()
+    assert lines[0].split() == ["stack", "timing", "on", "s", "timing", "off", "s", "epochs", "on", "/", "off",
+                                "overhead", "±", "standard", "error", "target", "<", "2%"]
+    assert lines[1].split() == ["Flax", "1.030", "1.000", "6", "/", "6", "+3.00%", "±", "1.83", "not", "met"]
+    assert lines[2].split() == ["Lightning", "eager", "2.010", "2.000", "6", "/", "6", "+0.50%", "±", "0.48", "met"]
     assert ["Flax", "timing-on-r0", "0.50", "->", "0.75", "12.0"] in [line.split() for line in lines]
     text = "\n".join(lines)
     assert f"device (Lightning eager): {CPU}" in text
@@ -93,7 +104,7 @@ def test_runs_started_under_load_above_the_cores_and_their_stack_are_marked(fake
     records = run_records(planned)
     records[-1].update(load_average_1m=[3.0, 3.0], contended=True)  # Lightning, timing off, repeat 2
     record = {"environment": ENVIRONMENT, "runs": records}
-    lines = benchmark_overhead.format_report(benchmark_overhead.summarize(logdir, planned, record)).splitlines()
+    lines = overhead.format_report(overhead.summarize(logdir, planned, record)).splitlines()
     assert lines[1].startswith("Flax ") and CONTENDED not in lines[1]
     assert lines[2].startswith(f"Lightning eager{CONTENDED} ")
     marked = [line.split("  ")[0] for line in lines if "timing-" in line and CONTENDED in line]
@@ -105,13 +116,13 @@ def test_a_run_with_no_epoch_after_the_first_is_a_one_line_error(tmp_path):
     planned = planned_runs(logdir, repeats=1)
     for item in planned:
         write_epoch_times(logdir, item.stack, item.run_name, [30.0] if item.stack == "flax" else [30.0, 1.0])
-    with pytest.raises(benchmark_overhead.BenchmarkError, match="^flax: no epoch after the first"):
-        benchmark_overhead.overheads(logdir, planned)
+    with pytest.raises(overhead.BenchmarkError, match="^flax: no epoch after the first"):
+        overhead.overheads(logdir, planned)
 
 
 def test_dry_run_lists_alternating_timing_on_and_off_runs_of_both_stacks(tmp_path, capsys):
     logdir = tmp_path / "runs"
-    assert benchmark_overhead.main(["--dry-run", "--logdir", str(logdir), "--repeats", "2"]) == 0
+    assert overhead.main(["--dry-run", "--logdir", str(logdir), "--repeats", "2"]) == 0
     prepare, *commands = capsys.readouterr().out.splitlines()
     assert "prepare_data.py" in prepare and "--synthetic-size tiny" in prepare
     runs = [(next(Path(word).name for word in line.split() if word.endswith(".py")),
@@ -125,4 +136,4 @@ def test_dry_run_lists_alternating_timing_on_and_off_runs_of_both_stacks(tmp_pat
 
 def test_fewer_than_two_epochs_is_refused():
     with pytest.raises(SystemExit):
-        benchmark_overhead.parse_args(["--epochs", "1"])
+        overhead.parse_args(["--epochs", "1"])

@@ -1,4 +1,4 @@
-"""scripts/checkpoints.py: listing, verifying, pruning and cleaning runs of both stacks."""
+"""scripts/checkpoints.py and tools/checkpoints.py: listing, verifying, pruning and cleaning runs of both stacks."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from scripts import checkpoints as tool
 from shared_data import trash_safe
+from shared_data.clock import Sections
 from shared_data.retention import CheckpointInfo
+from tools import checkpoints as tool
 
 # ---------------------------------------------------------------------------------------------
 # A stand-in backend with the stacks' contract, so the tool's own logic is pinned without training.
@@ -230,7 +231,7 @@ def _real_lightning_run(logdir: Path) -> Path:
     run = logdir / "lightning" / "real"
     run.mkdir(parents=True)
     (run / "config.json").write_text(json.dumps({"stack": "lightning"}))
-    io = checkpointing.AtomicCheckpointIO()
+    io = checkpointing.AtomicCheckpointIO(Sections())
     for name, step, epoch in [("best-epoch=001-step=000006-val_accuracy=0.5000", 6, 1),
                               ("best-epoch=002-step=000012-val_accuracy=0.2500", 12, 2),
                               ("last-epoch=002-step=000012", 12, 2), ("last-epoch=003-step=000014", 14, 3)]:
@@ -331,7 +332,7 @@ def test_verify_takes_a_relative_run_folder_and_the_default_logdir(stack, tmp_pa
 
 def test_command_line_prunes_a_logdir_and_reports_errors_in_one_line(tmp_path):
     _real_flax_run(tmp_path)  # one stack: the script imports only the backends it needs
-    script = Path(tool.__file__)
+    script = Path(__file__).resolve().parent.parent / "scripts" / "checkpoints.py"
     result = subprocess.run([sys.executable, str(script), "prune", str(tmp_path), "--keep-newest", "1", "--dry-run"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr

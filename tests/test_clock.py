@@ -1,16 +1,18 @@
-"""The one clock of shared_data.tags on both stacks, the same training from the same start, resumed epochs
-measured right, and --step-timing off."""
+"""The one clock of shared_data.tags on both stacks: each step's time is that step's (planted delays land on the step
+that had them), the same training from the same start, resumed epochs measured right, and --step-timing off."""
 
 from __future__ import annotations
 
 import math
+import statistics
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from shared_data import tags
+from shared_data import batches, tags
 from tests import stacks
 
 STEPS_PER_EPOCH = 6  # the tiny set's 200 images at the smoke preset's batch of 32
@@ -32,9 +34,9 @@ def init_weights(tmp_path_factory) -> Path:
 def same_init_runs(tmp_path_factory, synthetic_data_dir, compilation_cache, init_weights) -> dict[str, Path]:
     """Two epochs of each stack from the same weights (float32, no drop path: the smoke preset)."""
     logdir = tmp_path_factory.mktemp("same-init")
-    torch.set_num_threads(1)  # several suites share two cores
-    for stack in stacks.STACKS:
-        stacks.train(stack, logdir, synthetic_data_dir, "--epochs", "2", "--pretrained", str(init_weights))
+    with stacks.torch_threads(1):
+        for stack in stacks.STACKS:
+            stacks.train(stack, logdir, synthetic_data_dir, "--epochs", "2", "--pretrained", str(init_weights))
     return {stack: logdir / stack / "run" for stack in stacks.STACKS}
 
 
@@ -66,6 +68,80 @@ def test_step_times_follow_the_one_clock(same_init_runs, stack):
         steps = range((epoch - 1) * STEPS_PER_EPOCH + 1, epoch * STEPS_PER_EPOCH + 1)
         assert sum(step_s[s] for s in steps) == pytest.approx(train_time[epoch], rel=0.05, abs=0.02)
     assert dict(scalars[tags.EPOCH_STEPS_TIMED]) == {1: STEPS_PER_EPOCH, 2: STEPS_PER_EPOCH}
+    # Each stamp is its own step's completion, so no step (epoch edges included) looks shorter than a step can be.
+    median = statistics.median(step_s.values())
+    assert min(step_s.values()) > median / 3, step_s
+
+
+# ------------------------------------------------------------------------------------------------
+# Planted delays: the step that had the delay, and only it, carries it.
+
+DELAY_S = 1.5  # far above a nano step on a busy 2-core machine (0.05-0.4 s)
+DELAYED_STEP = 4  # global step, 1-based: training batch index 3 of epoch 0
+
+
+def _slow_batch(monkeypatch) -> None:
+    """Assembling training batch DELAYED_STEP - 1 of epoch 0 takes DELAY_S longer, in both stacks' loaders."""
+    real = batches.train_batch
+
+    def slow(split, *, epoch, index, **kwargs):
+        if (epoch, index) == (0, DELAYED_STEP - 1):
+            time.sleep(DELAY_S)
+        return real(split, epoch=epoch, index=index, **kwargs)
+
+    monkeypatch.setattr(batches, "train_batch", slow)
+
+
+def _slow_step(stack: str):
+    """What makes step DELAYED_STEP's own computation take DELAY_S longer: a Lightning callback sleeping before that
+    step's optimiser update; for Flax a hook whose returned state comes out of a device computation that sleeps, so
+    the host dispatches the step at once and only the device is late."""
+    if stack == "lightning":
+        import pytorch_lightning as pl
+
+        class SlowUpdate(pl.Callback):
+            def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+                if trainer.global_step == DELAYED_STEP - 1:
+                    time.sleep(DELAY_S)
+
+        return SlowUpdate()
+
+    import jax
+
+    def sleep_then(value):
+        time.sleep(DELAY_S)
+        return value
+
+    @jax.jit
+    def late(step):
+        return jax.pure_callback(sleep_then, jax.ShapeDtypeStruct(step.shape, step.dtype), step)
+
+    def hook(steps_done, state):
+        return state.replace(step=late(state.step)) if steps_done == DELAYED_STEP - 1 else state
+
+    return hook
+
+
+@pytest.mark.parametrize("where", ["batch", "step"])
+@pytest.mark.parametrize("stack", stacks.STACKS)
+def test_a_planted_delay_lands_on_exactly_the_step_that_had_it(stack, where, tmp_path, synthetic_data_dir,
+                                                               compilation_cache, monkeypatch):
+    if where == "batch":
+        _slow_batch(monkeypatch)
+    extras = [_slow_step(stack)] if where == "step" else []
+    with stacks.torch_threads(1):
+        stacks.train(stack, tmp_path, synthetic_data_dir, "--max-steps", str(STEPS_PER_EPOCH), "--num-workers", "0",
+                     extras=extras)
+    scalars = stacks.scalars(tmp_path / stack / "run")
+    step_s, wait_s = dict(scalars[tags.STEP_TIME]), dict(scalars[tags.DATA_WAIT_TIME])
+    assert step_s[DELAYED_STEP] > 0.8 * DELAY_S, step_s
+    for step in range(2, STEPS_PER_EPOCH + 1):  # step 1 holds the compilation
+        if step != DELAYED_STEP:
+            assert step_s[step] < DELAY_S / 2 and wait_s[step] < DELAY_S / 4, (step, step_s, wait_s)
+    if where == "batch":  # the wait is the delayed fetch's (less what the previous step's computation hid of it)
+        assert wait_s[DELAYED_STEP] > 0.5 * DELAY_S, wait_s
+    else:
+        assert wait_s[DELAYED_STEP] < DELAY_S / 4, wait_s
 
 
 @pytest.mark.parametrize("stack", stacks.STACKS)
@@ -106,7 +182,7 @@ def test_an_epoch_split_by_a_resume_is_marked_partial_and_left_out_of_the_median
 
 
 def test_the_report_on_resumed_runs_has_no_zero_epoch_and_names_the_split_one(split_runs, tmp_path):
-    from scripts import compare
+    from report import compare
 
     report = compare.compare(split_runs, tmp_path / "report", figures=False).read_text()
     assert "`lightning/run` epoch 2 (partial" in report and "`flax/run` epoch 2 (partial" in report

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts import prepare_data as prepare_script
+from tools import prepare_data as prepare_script
 from shared_data.errors import USAGE_EXIT_CODE, DataError
 from shared_data.prepare import prepare_data
 from shared_data.registry import get_spec

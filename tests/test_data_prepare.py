@@ -9,10 +9,10 @@ import shutil
 import numpy as np
 import pytest
 
-from scripts import prepare_data as prepare_script
+from tools import prepare_data as prepare_script
 from shared_data import registry
 from shared_data.errors import ConfigError
-from shared_data.prepare import SyntheticFallbackWarning, prepare_data
+from shared_data.prepare import prepare_data
 
 IMAGENETTE_NAMES = ["tench", "English springer", "cassette player", "chain saw", "church", "French horn",
                     "garbage truck", "gas pump", "golf ball", "parachute"]
@@ -50,10 +50,11 @@ def test_unavailable_dataset_falls_back_to_synthetic_loudly(synthetic_data_dir, 
     spec = registry.get_spec("imagenette-320")
     monkeypatch.setitem(registry.DATASETS, "imagenette-320",
                         dataclasses.replace(spec, url="http://127.0.0.1:9/imagenette2-320.tgz"))
-    with pytest.warns(SyntheticFallbackWarning, match="SYNTHETIC"):
-        data = prepare_data("imagenette-320", synthetic_data_dir, 64, synthetic_size="tiny", progress=False)
+    data = prepare_data("imagenette-320", synthetic_data_dir, 64, synthetic_size="tiny", progress=False)
     assert data.fell_back and data.dataset == "synthetic" and len(data.train) == 200
-    assert str(synthetic_data_dir / "imagenette2-320.tgz") in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "warning: dataset 'imagenette-320' is unavailable, so this run uses the SYNTHETIC dataset" in err
+    assert str(synthetic_data_dir / "imagenette2-320.tgz") in err
 
 
 def test_noisy_labels_come_from_the_release_csv_for_training_only(synthetic_data_dir, prepared_data):

@@ -1,4 +1,4 @@
-"""scripts/evaluate.py: the same scores from either stack on the same weights, run folders, one-line errors."""
+"""tools/evaluate.py: the same scores from either stack on the same weights, run folders, one-line errors."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from scripts import evaluate
+from tools import evaluate
 from tests import weights_fixtures
 
 DATA_FLAGS = ["--dataset", "synthetic", "--synthetic-size", "tiny", "--img-size", "64", "--no-progress"]

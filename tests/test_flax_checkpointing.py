@@ -126,7 +126,7 @@ def test_corrupted_latest_checkpoint_is_refused_with_a_warning_and_the_previous_
     state, meta = _restore_latest(tmp_path)
     assert int(state["step"]) == 1 and meta["step"] == 1
     np.testing.assert_array_equal(state["params"]["w"], np.ones((64, 32), np.float32))
-    assert "skipping damaged checkpoint: " in capsys.readouterr().out
+    assert "warning: skipping damaged checkpoint: " in capsys.readouterr().err
     assert _steps(tmp_path) == [1], "a damaged checkpoint is deleted once an earlier one restores"
 
 
@@ -147,16 +147,17 @@ def test_a_flipped_byte_inside_a_tensor_is_found_by_verify_and_resume_uses_the_p
         checkpointing.verify_checkpoint(tmp_path / "checkpoints" / "2")
     state, meta = _restore_latest(tmp_path, state)
     assert meta["step"] == 1 and int(state["step"]) == 1
-    assert name in capsys.readouterr().out
+    assert name in capsys.readouterr().err
 
 
-def test_a_checkpoint_saved_before_checksums_existed_still_restores(tmp_path):
+def test_a_checkpoint_whose_checksums_are_missing_stops_the_resume_and_is_kept(tmp_path):
     _save_all(tmp_path, 3, {1: 0.5, 2: 0.6})
-    for step in (1, 2):
-        (tmp_path / "checkpoints" / str(step) / checksums.FOLDER_SUMS).unlink()
-    assert checkpointing.verify_checkpoint(tmp_path / "checkpoints" / "2")["step"] == 2
-    state, meta = _restore_latest(tmp_path)
-    assert meta["step"] == 2 and int(state["step"]) == 2
+    (tmp_path / "checkpoints" / "2" / checksums.FOLDER_SUMS).unlink()
+    with pytest.raises(CheckpointError, match=f"checkpoints/2 has no checksums \\({checksums.FOLDER_SUMS} is missing\\)"):
+        checkpointing.verify_checkpoint(tmp_path / "checkpoints" / "2")
+    with pytest.raises(CheckpointError, match="has no checksums"):
+        _restore_latest(tmp_path)
+    assert _steps(tmp_path) == [1, 2], "not proven damaged: nothing is skipped or deleted"
 
 
 def _failing_reads(monkeypatch, failures: int) -> list[Path]:
@@ -278,3 +279,57 @@ def test_disk_full_during_a_save_names_that_step_and_removes_its_partial_save_tr
     assert unlinked_sizes and set(unlinked_sizes) == {0}, "partial files are emptied before they are removed"
     assert _steps(tmp_path) == [1]
     assert checkpointing.verify_checkpoint(tmp_path / "checkpoints" / "1")["step"] == 1
+
+
+def test_orbax_failure_output_holds_only_orbax_errors_and_closed_loop_reports_and_restores_everything(capsys):
+    import logging
+    import sys
+
+    absl = logging.getLogger("absl")
+    handled = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            handled.append(record.getMessage())
+
+    def record(pathname, level, message):
+        return logging.LogRecord("absl", level, pathname, 1, message, None, None)
+
+    collect, hook_before, filters_before = Collect(), sys.unraisablehook, list(absl.filters)
+    absl.addHandler(collect)
+    reported = []
+    sys.unraisablehook = lambda unraisable: reported.append(str(unraisable.exc_value))
+    try:
+        with checkpointing.OrbaxFailureOutput() as output:
+            absl.handle(record("/site-packages/orbax/checkpoint/x.py", logging.ERROR, "orbax failed"))
+            absl.handle(record("/site-packages/orbax/checkpoint/x.py", logging.INFO, "orbax info"))
+            absl.handle(record("/site-packages/other/y.py", logging.ERROR, "other failed"))
+            for value in (RuntimeError("Event loop is closed"), RuntimeError("something else")):
+                sys.unraisablehook(type("Unraisable", (), {"exc_value": value})())
+            assert handled == ["orbax info", "other failed"] and reported == ["something else"]
+            output.saved()  # a save finished well: what was held was not about a failure we report
+            assert handled[-1] == "orbax failed"
+            absl.handle(record("/site-packages/orbax/checkpoint/x.py", logging.ERROR, "the save failed"))
+            output.failed()  # raised as one line by the Checkpointer: Orbax's own words about it are dropped
+            absl.handle(record("/site-packages/orbax/checkpoint/x.py", logging.ERROR, "and again on closing"))
+        assert "the save failed" not in handled and "and again on closing" not in handled
+        assert list(absl.filters) == filters_before and sys.unraisablehook != output._unraisable
+        absl.handle(record("/site-packages/orbax/checkpoint/x.py", logging.ERROR, "after it closed"))
+        assert handled[-1] == "after it closed"
+    finally:
+        absl.removeHandler(collect)
+        sys.unraisablehook = hook_before
+
+
+def test_after_a_failed_save_only_its_unawaited_write_coroutines_go_unwarned():
+    import warnings
+
+    from flax_swin.checkpointing import OrbaxFailureOutput
+
+    with warnings.catch_warnings(record=True) as caught:  # the filter failed() adds goes with this block
+        warnings.simplefilter("always")
+        with OrbaxFailureOutput() as output:
+            output.failed()
+        warnings.warn("coroutine 'async_serialize_from_host.<locals>.write_fragment' was never awaited", RuntimeWarning)
+        warnings.warn("coroutine 'something_else' was never awaited", RuntimeWarning)
+    assert [str(warning.message) for warning in caught] == ["coroutine 'something_else' was never awaited"]

@@ -10,18 +10,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flax_swin.configs import default, smoke, swinv2_tiny_window8_256
+from flax_swin.configs import default
 from shared_data import run_config
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "train_flax.py"
 
 
-def test_config_files_are_the_shared_defaults_with_their_preset_applied():
+def test_get_config_is_the_shared_defaults_with_a_preset_applied():
     base = default.get_config()
     assert base.batch_size == run_config.DEFAULTS["batch_size"] and base.profile_steps is None
-    assert smoke.get_config().to_dict() == dict(base.to_dict(), **run_config.PRESETS["smoke"], preset="smoke")
-    tiny = default.resolve(swinv2_tiny_window8_256.get_config())
+    assert default.get_config("smoke").to_dict() == dict(base.to_dict(), **run_config.PRESETS["smoke"], preset="smoke")
+    tiny = default.resolve(default.get_config("swinv2_tiny_window8_256"))
     assert (tiny.model, tiny.img_size, tiny.batch_size) == ("swinv2_tiny_window8_256", 256, 32)
     assert tiny.drop_path == 0.2 and tiny.lr == pytest.approx(5e-4 * 32 / 512)
     assert tiny.run_dir.startswith(str(Path("runs") / "flax"))
@@ -36,15 +36,15 @@ def test_config_files_are_the_shared_defaults_with_their_preset_applied():
 def test_optax_schedule_matches_the_shared_reference_at_every_step(overrides):
     import jax
 
-    from flax_swin import train
+    from flax_swin import steps
 
     config = default.resolve(dict(default.get_config().to_dict(), run_name="x", epochs=6, **overrides))
     steps_per_epoch = 7
-    schedule = train.learning_rate_schedule(config, steps_per_epoch)
+    schedule = steps.learning_rate_schedule(config, steps_per_epoch)
     total = run_config.total_steps(config.to_dict(), steps_per_epoch)
-    steps = np.arange(total + 2)
-    got = np.asarray(jax.vmap(schedule)(steps))
-    want = np.asarray([run_config.learning_rate(int(s), config.to_dict(), steps_per_epoch) for s in steps])
+    step_numbers = np.arange(total + 2)
+    got = np.asarray(jax.vmap(schedule)(step_numbers))
+    want = np.asarray([run_config.learning_rate(int(s), config.to_dict(), steps_per_epoch) for s in step_numbers])
     np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-12)
     assert got.max() == pytest.approx(config.lr, rel=1e-6) or overrides.get("max_steps") == 3
 

@@ -189,7 +189,7 @@ def test_nan_loss_stops_the_run_naming_the_step_and_the_last_checkpoint_restores
 ONE_STEP = textwrap.dedent('''
     import jax, jax.numpy as jnp, numpy as np, optax
     from jax.sharding import NamedSharding, PartitionSpec
-    from flax_swin import input_pipeline, train
+    from flax_swin import input_pipeline, steps
     from flax_swin.configs import default
 
 
@@ -201,17 +201,17 @@ ONE_STEP = textwrap.dedent('''
         rng = np.random.default_rng(0)
         images = rng.integers(0, 256, size=(32, 64, 64, 3), dtype=np.uint8)
         labels = rng.integers(0, 10, size=32, dtype=np.int32)
-        mesh = train.make_mesh(devices)
-        graphdef, state, rest, optimizer = train.create_model_and_state(config, 10, mesh, steps_per_epoch=6)
+        mesh = steps.make_mesh(devices)
+        graphdef, state, rest, optimizer = steps.create_model_and_state(config, 10, mesh, steps_per_epoch=6)
         initial = [np.asarray(x) for x in jax.tree_util.tree_leaves(jax.device_get(state.params))]
         # Step 7, after the warm-up: the full learning rate, so the update is large enough to compare.
         state = state.replace(step=jnp.asarray(6, jnp.int32),
                               opt_state=optax.tree_utils.tree_set(state.opt_state, count=jnp.asarray(6, jnp.int32)))
         state = jax.tree_util.tree_map(jnp.copy, state)  # one buffer per leaf: the step donates them all
-        step = train.make_train_step(graphdef, optimizer, config, mesh, 10)
-        metrics = jax.device_put(train.TrainMetrics.empty(), NamedSharding(mesh, PartitionSpec()))
-        batch = input_pipeline.to_global((images, labels), NamedSharding(mesh, PartitionSpec(train.BATCH_AXIS)))
-        state, metrics, out = step(state, metrics, rest, *batch)
+        train_step = steps.make_train_step(graphdef, optimizer, config, mesh, 10)
+        metrics = jax.device_put(steps.TrainMetrics.empty(), NamedSharding(mesh, PartitionSpec()))
+        batch = input_pipeline.to_global((images, labels), NamedSharding(mesh, PartitionSpec(steps.BATCH_AXIS)))
+        state, metrics, out = train_step(state, metrics, rest, *batch)
         return initial, [np.asarray(x) for x in jax.tree_util.tree_leaves(jax.device_get(state.params))]
 ''')
 

@@ -1,5 +1,5 @@
-"""Tests of scripts/gpu_benchmark.sh and .py: the carried wheels, the probe, the order and the budget of the runs, the
-stops, the files it leaves; the rehearsal end to end on this CPU (slow)."""
+"""Tests of scripts/gpu_benchmark.sh and bench/gpu.py: the carried wheels, the probe, the order and the budget of the
+runs, the stops, the files it leaves; the rehearsal end to end on this CPU (slow)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from scripts import benchmark, gpu_benchmark, gpu_probe
-from scripts.gpu_benchmark import REHEARSAL, Budget, Narrator
+from bench import benchmark, gpu, probe, runner
+from bench.gpu import REHEARSAL, Budget, Narrator
 from tests.test_benchmark import install_fake_scripts
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -40,24 +40,24 @@ def install_stand_ins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lightning
     """Stand-in training, data and probe scripts (the training ones copy a run written beforehand)."""
     install_fake_scripts(tmp_path, monkeypatch, lightning_exit=lightning_exit)
     (tmp_path / "fake_probe.py").write_text(FAKE_PROBE_SCRIPT)
-    monkeypatch.setattr(gpu_benchmark, "PROBE_SCRIPT", tmp_path / "fake_probe.py")
-    monkeypatch.setattr(gpu_benchmark, "REHEARSAL", dataclasses.replace(REHEARSAL, prior_s=FAST_PRIORS, reserve_s=5.0))
+    monkeypatch.setattr(gpu, "PROBE_SCRIPT", tmp_path / "fake_probe.py")
+    monkeypatch.setattr(gpu, "REHEARSAL", dataclasses.replace(REHEARSAL, prior_s=FAST_PRIORS, reserve_s=5.0))
 
 
-def _planned(*flags: str, logdir: Path = Path("runs")) -> list[benchmark.PlannedRun]:
-    args = benchmark.parse_args([*gpu_benchmark.GPU.benchmark_flags, "--precisions", "bf16", "fp32", *flags])
+def _planned(*flags: str, logdir: Path = Path("runs")) -> list[runner.PlannedRun]:
+    args = benchmark.parse_args([*gpu.GPU.benchmark_flags, "--precisions", "bf16", "fp32", *flags])
     return benchmark.plan_runs(args, logdir)
 
 
 def _kinds(runs) -> list[tuple[str, bool, str]]:
-    return [(run.stack, run.compile, gpu_benchmark.precision_of(run)) for run in runs]
+    return [(run.stack, run.compile, gpu.precision_of(run)) for run in runs]
 
 
 # ---------------------------------------------------------------- planning
 
 
 def test_stages_run_each_precisions_pair_first_bf16_first_then_the_compiled_runs():
-    stages = gpu_benchmark.stages(_planned())
+    stages = gpu.stages(_planned())
     assert [_kinds(stage) for stage in stages] == [
         [("flax", False, "bf16"), ("lightning", False, "bf16")],
         [("flax", False, "fp32"), ("lightning", False, "fp32")],
@@ -75,34 +75,34 @@ def test_estimates_are_the_priors_scaled_by_how_the_runs_done_compared_with_thei
     mode = dataclasses.replace(REHEARSAL, prior_s={("flax", False): 10.0, ("lightning", False): 5.0,
                                                    ("lightning", True): 50.0}, fp32_factor=2.0)
     flax_bf16, eager_bf16, compiled_bf16, flax_fp32, *_ = sorted(
-        _planned(), key=lambda run: (gpu_benchmark.precision_of(run), run.compile, run.stack))
-    assert gpu_benchmark.estimate_s(eager_bf16, [], mode) == 5.0
-    assert gpu_benchmark.estimate_s(flax_fp32, [], mode) == 20.0
+        _planned(), key=lambda run: (gpu.precision_of(run), run.compile, run.stack))
+    assert gpu.estimate_s(eager_bf16, [], mode) == 5.0
+    assert gpu.estimate_s(flax_fp32, [], mode) == 20.0
     done = [(flax_bf16, 30.0)]  # three times its prior
-    assert gpu_benchmark.estimate_s(compiled_bf16, done, mode) == 150.0
-    assert gpu_benchmark.estimate_s(flax_fp32, done, mode) == 60.0
-    assert gpu_benchmark.stage_fits((flax_bf16, eager_bf16), done, mode, left_s=46.0, per_run_overhead_s=0.5) \
+    assert gpu.estimate_s(compiled_bf16, done, mode) == 150.0
+    assert gpu.estimate_s(flax_fp32, done, mode) == 60.0
+    assert gpu.stage_fits((flax_bf16, eager_bf16), done, mode, left_s=46.0, per_run_overhead_s=0.5) \
         == (True, 46.0)
-    assert gpu_benchmark.stage_fits((flax_bf16, eager_bf16), done, mode, left_s=45.9, per_run_overhead_s=0.5) \
+    assert gpu.stage_fits((flax_bf16, eager_bf16), done, mode, left_s=45.9, per_run_overhead_s=0.5) \
         == (False, 46.0)
 
 
 def test_flax_runs_get_full_float32_unless_it_slows_their_bf16_products():
-    assert gpu_benchmark.jax_precision("fp32", {}) == "highest"
-    assert gpu_benchmark.jax_precision("bf16", {}) == "highest"  # a CPU: nothing measured, nothing to lose
-    assert gpu_benchmark.jax_precision("bf16", {"jax_bf16_tflops": {"default": 700.0, "highest": 690.0}}) == "highest"
-    assert gpu_benchmark.jax_precision("bf16", {"jax_bf16_tflops": {"default": 700.0, "highest": 300.0}}) is None
-    assert gpu_benchmark.jax_precision("fp32", {"jax_bf16_tflops": {"default": 700.0, "highest": 300.0}}) == "highest"
+    assert gpu.jax_precision("fp32", {}) == "highest"
+    assert gpu.jax_precision("bf16", {}) == "highest"  # a CPU: nothing measured, nothing to lose
+    assert gpu.jax_precision("bf16", {"jax_bf16_tflops": {"default": 700.0, "highest": 690.0}}) == "highest"
+    assert gpu.jax_precision("bf16", {"jax_bf16_tflops": {"default": 700.0, "highest": 300.0}}) is None
+    assert gpu.jax_precision("fp32", {"jax_bf16_tflops": {"default": 700.0, "highest": 300.0}}) == "highest"
 
 
 def test_each_run_is_stopped_at_its_limit_and_only_flax_runs_get_the_jax_setting():
     flax, eager, *_ = _planned()
-    limited = gpu_benchmark.with_limits(flax, 123.7, "highest")
+    limited = gpu.with_limits(flax, 123.7, "highest")
     assert limited.command == ("timeout", "--kill-after=10", "123", "env", "JAX_DEFAULT_MATMUL_PRECISION=highest",
                                *flax.command)
-    assert gpu_benchmark.with_limits(eager, 50, "highest").command == ("timeout", "--kill-after=10", "50",
-                                                                       *eager.command)
-    assert gpu_benchmark.with_limits(flax, 50, None).command[3:] == flax.command
+    assert gpu.with_limits(eager, 50, "highest").command == ("timeout", "--kill-after=10", "50",
+                                                             *eager.command)
+    assert gpu.with_limits(flax, 50, None).command[3:] == flax.command
 
 
 def test_the_final_printout_leaves_out_breakdowns_figures_and_the_list_of_runs():
@@ -111,7 +111,7 @@ def test_the_final_printout_leaves_out_breakdowns_figures_and_the_list_of_runs()
                         "### Figures", "![x](x.png)", "## fp32 group", "| fp32 headline |", "## Runs", "| run |",
                         "## On this machine (scripts/gpu_benchmark.py)", "- GPU", "### Runs, most important first",
                         "| run | status |"])
-    assert gpu_benchmark.final_summary(report).split("\n")[1:] == [
+    assert gpu.final_summary(report).split("\n")[1:] == [
         "# title", "| headline |", "### Per stack", "| row |", "## fp32 group", "| fp32 headline |",
         "## On this machine (scripts/gpu_benchmark.py)", "- GPU", "### Runs, most important first", "| run | status |"]
 
@@ -120,20 +120,20 @@ def test_the_final_printout_leaves_out_breakdowns_figures_and_the_list_of_runs()
 
 
 def test_probe_on_this_cpu_finds_every_import_and_full_float32_in_both_frameworks():
-    result = gpu_probe.probe(gpu=False)
+    result = probe.probe(gpu=False)
     assert result["problems"] == [] and result["import_failures"] == {}
     assert {"torch", "jax", "flax", "clu", "tensorboardX", "ml-collections"} <= set(result["versions"])
     for framework in ("torch", "jax_default", "jax_highest"):
         found = result["float32"][framework]
-        assert found["matmul"] < gpu_probe.FULL_FLOAT32_BELOW and found["conv"] < gpu_probe.FULL_FLOAT32_BELOW
+        assert found["matmul"] < probe.FULL_FLOAT32_BELOW and found["conv"] < probe.FULL_FLOAT32_BELOW
     assert result["float32"]["torch"]["settings"]["backends.cuda.matmul.allow_tf32"] is False
-    assert "GPU: none (rehearsal on the CPU)" in gpu_probe.describe(result)
+    assert "GPU: none (rehearsal on the CPU)" in probe.describe(result)
 
 
 def test_probe_names_float32_by_its_error_against_float64():
-    assert gpu_probe.precision_label(3e-7) == "full float32"
-    assert gpu_probe.precision_label(3e-4) == "TF32 (10-bit mantissa)"
-    assert gpu_probe.precision_label(4e-3) == "bf16 or lower"
+    assert probe.precision_label(3e-7) == "full float32"
+    assert probe.precision_label(3e-4) == "TF32 (10-bit mantissa)"
+    assert probe.precision_label(4e-3) == "bf16 or lower"
 
 
 def test_entry_script_installs_the_carried_wheels_into_a_private_folder_without_network(tmp_path):
@@ -158,8 +158,8 @@ def test_entry_script_installs_the_carried_wheels_into_a_private_folder_without_
 def test_rehearsal_runs_the_pairs_skips_what_does_not_fit_and_leaves_four_files(tmp_path, monkeypatch):
     install_stand_ins(tmp_path, monkeypatch)
     out, workdir = tmp_path / "out", tmp_path / "work"
-    assert gpu_benchmark.main(["--rehearse", "--out", str(out), "--workdir", str(workdir),
-                               "--data-dir", str(tmp_path / "data")]) == 0
+    assert gpu.main(["--rehearse", "--out", str(out), "--workdir", str(workdir),
+                     "--data-dir", str(tmp_path / "data")]) == 0
 
     assert sorted(os.listdir(out)) == OUTPUT_FILES  # the remote tool brings back 8 files at most
     record = json.loads((out / "gpu_benchmark.json").read_text())
@@ -194,8 +194,8 @@ def test_rehearsal_runs_the_pairs_skips_what_does_not_fit_and_leaves_four_files(
 def test_a_failed_self_check_stops_before_any_run_and_still_leaves_the_files(tmp_path, monkeypatch):
     install_stand_ins(tmp_path, monkeypatch, lightning_exit=3)
     out, workdir = tmp_path / "out", tmp_path / "work"
-    assert gpu_benchmark.main(["--rehearse", "--out", str(out), "--workdir", str(workdir),
-                               "--data-dir", str(tmp_path / "data")]) == 1
+    assert gpu.main(["--rehearse", "--out", str(out), "--workdir", str(workdir),
+                     "--data-dir", str(tmp_path / "data")]) == 1
     record = json.loads((out / "gpu_benchmark.json").read_text())
     assert record["status"].startswith("STOPPED: the self-check failed: lightning (exit 3: RuntimeError: the model "
                                        "diverged; log ")
@@ -211,8 +211,8 @@ def test_a_problem_the_probe_finds_stops_the_benchmark_before_the_self_check(tmp
         FAKE_PROBE_SCRIPT.replace('"problems": []', '"problems": ["JAX sees no GPU (its devices are cpu)"]')
         + "sys.exit(1)\n")
     out, workdir = tmp_path / "out", tmp_path / "work"
-    assert gpu_benchmark.main(["--rehearse", "--out", str(out), "--workdir", str(workdir),
-                               "--data-dir", str(tmp_path / "data")]) == 1
+    assert gpu.main(["--rehearse", "--out", str(out), "--workdir", str(workdir),
+                     "--data-dir", str(tmp_path / "data")]) == 1
     status = json.loads((out / "gpu_benchmark.json").read_text())["status"]
     assert status == (f"STOPPED: the probe found problems: JAX sees no GPU (its devices are cpu); "
                       f"log {workdir / 'probe.log'}")
@@ -231,19 +231,19 @@ def test_a_run_still_going_at_the_budget_is_stopped_set_aside_and_its_partner_sk
         print("epoch 1 of 3", flush=True)
         time.sleep(300)
     """))
-    monkeypatch.setitem(benchmark.TRAINING_SCRIPTS, "flax", sleeper)
+    monkeypatch.setitem(runner.TRAINING_SCRIPTS, "flax", sleeper)
     workdir, out = tmp_path / "work", tmp_path / "out"
     out.mkdir()
-    mode = gpu_benchmark.REHEARSAL
+    mode = gpu.REHEARSAL
     args = benchmark.parse_args([*mode.benchmark_flags, "--data-dir", str(tmp_path / "data"), "--precisions", "fp32",
                                  "--no-compile"])
     planned = benchmark.plan_runs(args, workdir / "runs")
-    budget = Budget(time.time(), gpu_benchmark.KILL_AFTER_S + 3.0, 0.0)  # each run stopped after 3 s at most
-    record = {**gpu_benchmark.new_record(mode, budget.seconds, planned), "jax_precision": {"fp32": "highest"}}
+    budget = Budget(time.time(), gpu.KILL_AFTER_S + 3.0, 0.0)  # each run stopped after 3 s at most
+    record = {**gpu.new_record(mode, budget.seconds, planned), "jax_precision": {"fp32": "highest"}}
     benchmark_record = {"runs": [], "compile_caches": "cold"}
     start = time.perf_counter()
-    gpu_benchmark.run_stages(planned, mode, budget, record, benchmark_record,
-                             benchmark.prepare_command(args), workdir, out, Narrator(out / "gpu_benchmark.log"))
+    gpu.run_stages(planned, mode, budget, record, benchmark_record,
+                   runner.prepare_command(args), workdir, out, Narrator(out / "gpu_benchmark.log"))
 
     assert time.perf_counter() - start < 60
     flax, eager = record["plan"]

@@ -1,5 +1,5 @@
-"""The two stacks mirror each other: the same config shape and entry point, the same errors and exit codes,
-no test-only switches in production code, one retention rule."""
+"""The two stacks mirror each other: the same config shape and entry point, the same module for the same job, the
+same errors and exit codes, one channel for warnings, no test-only switches in production code, one retention rule."""
 
 from __future__ import annotations
 
@@ -11,10 +11,21 @@ from pathlib import Path
 
 import pytest
 
-from shared_data import retention, run_config
+from shared_data import retention, run_config, tags
 
 REPO = Path(__file__).resolve().parents[1]
-PRODUCTION = ("shared_data", "lightning_swin", "flax_swin", "scripts")
+PRODUCTION = ("shared_data", "lightning_swin", "flax_swin", "scripts", "bench", "report", "tools")
+# The same job in the module of the same name in both stacks, with the same public names.
+MIRRORED = {
+    "devices": {"device_description", "device_peak_mb", "set_arithmetic", "arithmetic"},
+    "distributed": set(),  # joining processes (Flax) / the launcher's processes and rank 0 (Lightning)
+    "profiling": {"StepProfiler"},
+    "checkpointing": {"STACK", "checkpoint_dir", "list_checkpoints", "leftovers", "clean_leftovers",
+                      "verify_checkpoint"},
+    "train": {"train_and_evaluate"},
+    "model": {"SwinTransformerV2", "WindowAttention", "create_model"},
+    "weights": {"load_pretrained"},
+}
 SCRIPTS = {"lightning": REPO / "scripts" / "train_lightning.py", "flax": REPO / "scripts" / "train_flax.py"}
 # The one environment variable production code sets and reads itself: rank 0's run name, handed to the
 # processes Lightning's DDP launcher starts.
@@ -46,6 +57,72 @@ def test_both_stacks_have_the_same_config_module_and_entry_point():
     assert flax_parameters[:2] == lightning_parameters[:2] == ["config", "workdir"]
 
 
+@pytest.mark.parametrize("module, names", MIRRORED.items())
+def test_each_job_lives_in_the_module_of_the_same_name_in_both_stacks(module, names):
+    import importlib
+
+    for package in ("flax_swin", "lightning_swin"):
+        loaded = importlib.import_module(f"{package}.{module}")
+        assert names <= set(vars(loaded)), (package, module, names - set(vars(loaded)))
+    for package, other in (("lightning_swin", "flax_swin"), ("flax_swin", "lightning_swin")):
+        own = {path.name for path in (REPO / package).glob("*.py")}
+        assert f"{module}.py" in own, (package, module)
+
+
+def test_both_stacks_set_up_and_record_the_same_arithmetic_for_each_precision():
+    import jax
+    import torch
+
+    from flax_swin import devices as flax_devices
+    from lightning_swin import devices as lightning_devices
+
+    before = (jax.config.jax_default_matmul_precision, torch.backends.cudnn.allow_tf32)
+    try:
+        described = {}
+        for precision in ("bf16", "fp32"):
+            for name, devices in (("flax", flax_devices), ("lightning", lightning_devices)):
+                devices.set_arithmetic(precision)
+                described[name, precision] = devices.arithmetic(precision)
+    finally:
+        jax.config.update("jax_default_matmul_precision", before[0])
+        torch.backends.cudnn.allow_tf32 = before[1]
+    assert all(described[stack, "bf16"].startswith(tags.BF16_SUMMARY) for stack in ("flax", "lightning"))
+    # Full float32 in both: no TF32 anywhere.
+    assert described["flax", "fp32"] == "float32 (jax_default_matmul_precision highest)"
+    assert described["lightning", "fp32"] == "float32 (float32_matmul_precision highest, cudnn.allow_tf32 False)"
+
+
+def test_the_step_in_flight_is_one_object_of_the_same_fields_in_both_clocks():
+    import dataclasses
+
+    from flax_swin import reporting
+    from lightning_swin import callbacks
+
+    flax, lightning = ([field.name for field in dataclasses.fields(module.StepInFlight)]
+                       for module in (reporting, callbacks))
+    assert flax == lightning == ["step", "values", "done", "fetch", "lr"]
+
+
+def test_warnings_go_through_one_channel_with_one_format():
+    """Production code warns only through shared_data.errors.warn ('warning: ...' on stderr): no warnings.warn (which
+    prefixes a source file and line) and no hand-made warning lines."""
+    found = []
+    for folder in PRODUCTION:
+        for path in (REPO / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "warn" \
+                        and isinstance(node.func.value, ast.Name) and node.func.value.id == "warnings":
+                    found.append(f"{path.relative_to(REPO)}:{node.lineno} warnings.warn")
+                if isinstance(node, ast.Constant) and isinstance(node.value, str) \
+                        and node.value.lower().lstrip("\n").startswith("warning:") and path.name != "errors.py":
+                    found.append(f"{path.relative_to(REPO)}:{node.lineno} {node.value[:40]!r}")
+                if isinstance(node, ast.JoinedStr) and node.values and isinstance(node.values[0], ast.Constant) \
+                        and str(node.values[0].value).lower().lstrip("\n").startswith("warning:") \
+                        and path.name != "errors.py":
+                    found.append(f"{path.relative_to(REPO)}:{node.lineno} f-string warning")
+    assert found == []
+
+
 def _run(stack: str, *flags: str, tmp_path: Path, data_dir: Path | None = None) -> subprocess.CompletedProcess:
     data = ["--data-dir", str(data_dir), "--synthetic-size", "tiny"] if data_dir else []
     command = [sys.executable, str(SCRIPTS[stack]), "--preset", "smoke", *data, "--logdir", str(tmp_path / "runs"),
@@ -58,6 +135,8 @@ def _run(stack: str, *flags: str, tmp_path: Path, data_dir: Path | None = None) 
     (["--batch-size", "0"], "--batch-size"),
     (["--pretrained", "no-such-file.pth"], "--pretrained"),
     (["--step-timing", "sometimes"], "--step-timing"),
+    (["--seed", "-1"], "--seed"),
+    (["--num-workers", "100000"], "--num-workers"),
 ])
 def test_a_bad_flag_exits_2_naming_it_in_both_stacks(tmp_path, flags, named):
     for stack in SCRIPTS:
@@ -103,6 +182,7 @@ def test_lightning_stock_checkpoints_keep_the_steps_of_the_shared_rule(tmp_path)
 
     from lightning_swin import checkpointing
     from shared_data import tags
+    from shared_data.clock import Sections
 
     accuracies = {2: 0.5, 4: 0.7, 6: 0.7, 8: 0.6, 10: 0.7, 12: 0.2}  # epoch-end step -> val accuracy
 
@@ -125,7 +205,7 @@ def test_lightning_stock_checkpoints_keep_the_steps_of_the_shared_rule(tmp_path)
     for keep in (1, 2, 3):
         run_dir = tmp_path / f"keep{keep}"
         trainer = pl.Trainer(max_epochs=6, callbacks=checkpointing.checkpoint_callbacks(
-            checkpointing.checkpoint_dir(run_dir), keep), plugins=[checkpointing.AtomicCheckpointIO()],
+            checkpointing.checkpoint_dir(run_dir), keep), plugins=[checkpointing.AtomicCheckpointIO(Sections())],
             logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
             accelerator="cpu")
         trainer.fit(Tiny(), train_dataloaders=loader, val_dataloaders=loader)

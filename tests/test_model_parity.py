@@ -13,7 +13,7 @@ from flax import nnx
 from flax_swin.model import create_model as create_flax_model
 from flax_swin.weights import from_canonical, load_pretrained, to_canonical
 from lightning_swin.model import create_model as create_torch_model
-from scripts import convert_weights
+from tools import convert_weights
 from tests.weights_fixtures import randomise
 
 LOGITS_RTOL = 1e-5

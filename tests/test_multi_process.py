@@ -356,13 +356,9 @@ def test_two_lightning_nodes_train_like_one_process_with_the_same_global_batch(l
     assert_all_succeeded(results)
     assert_written_by_process_0_only(run_dir, results, launches=1)
     assert_each_step_once(run_dir, STEPS, epochs=EPOCHS)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with stacks.torch_threads(1):
         stacks.train("lightning", tmp_path, synthetic_data_dir, *RUN_FLAGS[len(stacks.SMOKE_TINY):],
                      "--accelerator", "cpu", run_name="one")
-    finally:
-        torch.set_num_threads(before)
     # Averaging two half-batch gradients rounds differently from one mean over the whole batch.
     assert_trained_alike("lightning: two nodes vs one process", lightning_parameters(run_dir),
                          lightning_parameters(tmp_path / "lightning" / "one"))

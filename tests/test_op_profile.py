@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from scripts import benchmark, compare
+from bench import benchmark
+from report import compare
 from shared_data import op_profile
 from shared_data.run_config import ConfigError, parse_profile_steps
 from tests.stacks import STACKS, train
@@ -125,7 +126,7 @@ def test_damaged_ops_file_is_a_one_line_error_naming_it(tmp_path):
 def test_lightning_ops_count_only_what_ran_inside_the_traced_steps():
     import torch
 
-    from lightning_swin.callbacks import torch_op_times
+    from lightning_swin.profiling import torch_op_times
 
     a = torch.ones(64, 64)
     with torch.profiler.profile() as profile:

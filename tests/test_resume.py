@@ -10,7 +10,8 @@ from tensorboardX import SummaryWriter
 
 from shared_data import event_files, run_config, tags
 from tests import stacks
-from tests.test_lightning_checkpoints import one_thread  # noqa: F401  (autouse: one torch thread per test)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 STEPS_PER_EPOCH = 6  # the tiny set's 200 images at the smoke preset's batch of 32
 NO_CHECKPOINT = "has no checkpoint yet; starting from step 0"
@@ -66,22 +67,24 @@ def test_an_epoch_whose_checkpoint_was_never_published_is_purged_and_the_steps_b
 
 @pytest.mark.parametrize("stack", stacks.STACKS)
 def test_resume_without_a_run_folder_starts_from_step_0_with_a_warning(tmp_path, synthetic_data_dir,
-                                                                       compilation_cache, stack):
-    with pytest.warns(UserWarning, match=NO_CHECKPOINT):
-        summary = stacks.train(stack, tmp_path, synthetic_data_dir, "--max-steps", "2", "--resume")
+                                                                       compilation_cache, stack, capsys):
+    summary = stacks.train(stack, tmp_path, synthetic_data_dir, "--max-steps", "2", "--resume")
+    assert f"warning: --resume: {tmp_path / stack / 'run'} {NO_CHECKPOINT}" in capsys.readouterr().err
     assert summary["steps"] == 2
     assert (tmp_path / stack / "run" / "config.json").is_file()
 
 
 @pytest.mark.parametrize("stack", stacks.STACKS)
 def test_resume_of_a_run_killed_before_its_first_checkpoint_and_config_starts_from_step_0(tmp_path, synthetic_data_dir,
-                                                                                          compilation_cache, stack):
+                                                                                          compilation_cache, stack,
+                                                                                          capsys):
     with pytest.raises(stacks.Interrupt):
         stacks.train(stack, tmp_path, synthetic_data_dir, "--max-steps", "4", extras=[stacks.interrupt_after(stack, 3)])
     run_dir = tmp_path / stack / "run"
     (run_dir / "config.json").unlink()  # as if killed before writing it
-    with pytest.warns(UserWarning, match=NO_CHECKPOINT):
-        summary = stacks.train(stack, tmp_path, synthetic_data_dir, "--max-steps", "4", "--resume")
+    capsys.readouterr()
+    summary = stacks.train(stack, tmp_path, synthetic_data_dir, "--max-steps", "4", "--resume")
+    assert NO_CHECKPOINT in capsys.readouterr().err
     assert summary["steps"] == 4
     assert_each_step_once(run_dir, 4, epochs=1)
 

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from shared_data import run_config
+from tests import stacks
 
 
 def _resolve(argv, stack="flax"):
@@ -31,25 +32,57 @@ def test_origin_preset_is_tiny_window8_at_256_batch_32():
     [
         (["--batch-size", "0"], "--batch-size"),
         (["--epochs", "-1"], "--epochs"),
+        (["--epochs", str(2**31)], "--epochs"),
+        (["--max-steps", "0"], "--max-steps"),
+        (["--max-steps", str(2**31)], "--max-steps"),
         (["--lr", "-0.1"], "--lr"),
+        (["--lr", "nan"], "--lr"),
+        (["--base-lr", "inf"], "--base-lr"),
+        (["--warmup-epochs", "nan"], "--warmup-epochs"),
+        (["--weight-decay=-1e-3"], "--weight-decay"),
+        (["--grad-clip", "inf"], "--grad-clip"),
         (["--label-smoothing", "1.5"], "--label-smoothing"),
+        (["--label-smoothing", "nan"], "--label-smoothing"),
         (["--drop-path", "1.0"], "--drop-path"),
         (["--img-size", "250"], "--img-size"),
+        (["--img-size", "0"], "--img-size"),
+        (["--img-size", "4096"], "--img-size"),
         (["--model", "swinv2_huge"], "--model"),
         (["--resume"], "--resume"),
         (["--run-name", "../escape"], "--run-name"),
         (["--keep-checkpoints", "0"], "--keep-checkpoints"),
+        (["--checkpoint-every-steps", "-1"], "--checkpoint-every-steps"),
+        (["--seed", "-1"], "--seed"),
+        (["--seed", str(2**32)], "--seed"),
+        (["--num-workers", "-1"], "--num-workers"),
+        (["--num-workers", "100000"], "--num-workers"),
+        (["--mixup", "-1"], "--mixup"),
+        (["--cutmix", "nan"], "--cutmix"),
+        (["--reprob", "2"], "--reprob"),
+        (["--augment", "basic", "--mixup", "0.8"], "--mixup"),
+        (["--profile-steps", "5,2"], "--profile-steps"),
+        (["--pretrained", "no-such-weights.pth"], "--pretrained"),
     ],
 )
-def test_bad_flag_is_rejected_naming_it(argv, flag):
-    with pytest.raises(run_config.ConfigError, match=flag):
-        _resolve(argv)
+@pytest.mark.parametrize("stack", run_config.STACKS)
+def test_bad_flag_is_rejected_naming_it(argv, flag, stack):
+    with pytest.raises(run_config.ConfigError, match=f"^{flag}"):
+        _resolve(argv, stack)
+
+
+def test_the_largest_seed_a_32_bit_generator_takes_is_accepted():
+    assert _resolve(["--seed", str(2**32 - 1)])["seed"] == 2**32 - 1
+
+
+def test_more_steps_than_an_int32_holds_is_refused_naming_epochs():
+    config = _resolve(["--epochs", str(2**30)])
+    with pytest.raises(run_config.ConfigError, match="^--epochs .* more than 2147483647"):
+        run_config.total_steps(config, steps_per_epoch=4)
 
 
 def test_bad_flag_exits_with_one_line_usage_error(capsys):
-    parser = run_config.build_parser("lightning")
     with pytest.raises(SystemExit) as exit_info:
-        run_config.parse_or_exit(parser, "lightning", ["--grad-clip", "-1"])
+        stacks.script_main("train_lightning")(["--grad-clip", "-1"])
     assert exit_info.value.code == 2
     last_line = capsys.readouterr().err.strip().splitlines()[-1]
     assert last_line.startswith("train_lightning.py: error: --grad-clip")

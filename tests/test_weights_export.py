@@ -13,7 +13,7 @@ from flax_swin.model import create_model as create_flax_model
 from flax_swin.weights import from_canonical
 from lightning_swin.model import create_model as create_torch_model
 from lightning_swin.weights import load_pretrained
-from scripts import convert_weights
+from tools import convert_weights
 from shared_data.swin_weights import WeightsFormatError, read_source
 from tests import weights_fixtures
 

@@ -6,13 +6,12 @@ import argparse
 import os
 from typing import Any
 
-from shared_data import environment, run_config
+from lightning_swin.distributed import RUN_NAME_ENV, is_main_process, launched_processes
+from shared_data import run_config
 from shared_data.errors import ConfigError
 
 STACK = "lightning"
 ACCELERATORS = ("auto", "cpu", "gpu")
-# The subprocess DDP launcher re-runs the script in each extra process; they must use rank 0's run folder.
-RUN_NAME_ENV = "SWIN_LIGHTNING_RUN_NAME"
 # Flags only the Lightning stack has; every shared hyperparameter lives in shared_data.run_config.
 STACK_DEFAULTS: dict[str, Any] = dict(
     compile=False,  # run the model through torch.compile
@@ -55,27 +54,6 @@ def resolve(values: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
-def is_main_process() -> bool:
-    """Global rank 0, read from the launcher's environment (it holds before any Trainer exists)."""
-    if "RANK" in os.environ:  # torchrun
-        return int(os.environ["RANK"]) == 0
-    if environment.slurm_launched():
-        return int(os.environ.get("SLURM_PROCID", 0)) == 0
-    return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
-
-
-def launched_processes() -> tuple[int, str] | None:
-    """(process count, the variable giving it) when a launcher outside Lightning started the processes: torchrun's
-    or a hand-set WORLD_SIZE, srun's SLURM_NTASKS; None when Lightning starts them itself (one node, --devices N)."""
-    if os.environ.get(RUN_NAME_ENV):  # a process Lightning's own launcher started, from rank 0's environment
-        return None
-    if os.environ.get("WORLD_SIZE", "").isdigit():
-        return int(os.environ["WORLD_SIZE"]), "WORLD_SIZE"
-    if environment.slurm_launched() and os.environ["SLURM_NTASKS"].isdigit():
-        return int(os.environ["SLURM_NTASKS"]), "SLURM_NTASKS"
-    return None
-
-
 def _check(config: dict[str, Any]) -> None:
     """Reject impossible Lightning flags and run-folder mistakes before any data is read."""
     for key, flag in (("devices", "--devices"), ("num_nodes", "--num-nodes")):
@@ -88,6 +66,11 @@ def _check(config: dict[str, Any]) -> None:
 
         if not torch.cuda.is_available():
             raise ConfigError("--accelerator gpu: no CUDA device is visible; use --accelerator cpu")
+    if config["devices"] > 1:  # one process per device: more than the machine has would start them anyway
+        kind, available = _local_devices(config["accelerator"])
+        if config["devices"] > available:
+            raise ConfigError(f"--devices {config['devices']}: this machine has {available} {kind} device(s); give "
+                              f"at most {available} per node")
     world = config["devices"] * config["num_nodes"]
     launched = launched_processes()
     if launched is not None and launched[0] != world:
@@ -103,3 +86,13 @@ def _check(config: dict[str, Any]) -> None:
                           "(--devices x --num-nodes)")
     if is_main_process():
         run_config.refuse_existing_run(config)  # early, before any data is read (prepare_run_dir checks it again)
+
+
+def _local_devices(accelerator: str) -> tuple[str, int]:
+    """(kind, count) of the devices --accelerator trains on here: CUDA GPUs, or CPU cores (Lightning's CPU devices
+    are processes, one per --devices)."""
+    import torch  # only for --devices > 1: checking the other flags must stay quick
+
+    if accelerator != "cpu" and torch.cuda.is_available():
+        return "GPU", torch.cuda.device_count()
+    return "CPU", os.cpu_count() or 1

@@ -62,7 +62,7 @@ def _jax_matmul(size: int, platform: str, dtype: str) -> Callable[[], object]:
 _MATMULS = {"torch": _torch_matmul, "jax": _jax_matmul}
 
 
-def _best_matmul_rate(framework: str, platform: str, dtype: str, sizes: tuple[int, ...], seconds: float) -> float:
+def best_matmul_rate(framework: str, platform: str, dtype: str, sizes: tuple[int, ...], seconds: float) -> float:
     """Best rate in FLOP/s of `framework`'s size x size matmuls on `platform`, each size timed for `seconds`."""
     best = 0.0
     for size in sizes:
@@ -82,7 +82,7 @@ def _best_matmul_rate(framework: str, platform: str, dtype: str, sizes: tuple[in
 def measure_cpu_matmul_peak(framework: str, sizes: tuple[int, ...] = CPU_MATMUL_SIZES, seconds: float = 0.5) -> float:
     """Best float32 matmul rate `framework` ('torch' or 'jax') reaches on this CPU, in FLOP/s: each stack's own peak,
     since a numpy (or the other framework's) matmul can be slower than the kernels the stack really runs."""
-    return _best_matmul_rate(framework, "cpu", "float32", sizes, seconds)
+    return best_matmul_rate(framework, "cpu", "float32", sizes, seconds)
 
 
 @functools.cache
@@ -94,14 +94,14 @@ def measure_gpu_matmul_rate(device: str, precision: str) -> tuple[float, str] | 
         import torch
 
         if torch.cuda.is_available() and torch.cuda.get_device_name(0) in device:
-            return _best_matmul_rate("torch", "gpu", dtype, GPU_MATMUL_SIZES, 0.5), "torch"
+            return best_matmul_rate("torch", "gpu", dtype, GPU_MATMUL_SIZES, 0.5), "torch"
     except ImportError:
         pass
     try:
         import jax
 
         if any(gpu.device_kind in device for gpu in jax.devices("gpu")):
-            return _best_matmul_rate("jax", "gpu", dtype, GPU_MATMUL_SIZES, 0.5), "jax"
+            return best_matmul_rate("jax", "gpu", dtype, GPU_MATMUL_SIZES, 0.5), "jax"
     except (ImportError, RuntimeError):  # RuntimeError: no GPU backend in this JAX
         pass
     return None

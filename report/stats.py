@@ -9,9 +9,9 @@ from typing import Collection
 
 import numpy as np
 
-from scripts.device_peaks import device_peak_flops
-from scripts.model_flops import forward_flops
-from scripts.runs_reader import Run
+from report.flops import forward_flops
+from report.peaks import device_peak_flops
+from report.runs import Run
 from shared_data import tags
 
 BREAKDOWN_PARTS = (
@@ -20,10 +20,13 @@ BREAKDOWN_PARTS = (
 IMAGENETTE_CLASSES = 10
 # Each stack's own matmul kernels set its CPU peak.
 FRAMEWORK_OF_STACK = {"lightning": "torch", "flax": "jax"}
-# Issue 11's "same training" check: from the same initial weights, in float32 without drop path or dropout, the two
-# stacks' training losses agree to this bound over the first steps both logged.
+# The "same training" check: from the same initial weights, without drop path or dropout, the two stacks' training
+# losses agree to the bound of their precision over the first steps both logged. float32: the stacks compute the
+# same function and differ by rounding only (measured 0.00076 on the smoke preset). bf16 (shared_data.tags): the
+# same tensors are bf16 in both, but a few roundings differ (the bias of a linear, XLA's fused excess precision),
+# which the 8-bit mantissa makes visible (tests/test_precision.py).
 SAME_TRAINING_STEPS = 50
-SAME_TRAINING_BOUND = 1e-3
+SAME_TRAINING_BOUNDS = {"fp32": 1e-3, "bf16": 1e-2}
 # Below this advantage a speedup reads better as a percent ("4% faster") than as a ratio ("1.04x faster").
 PERCENT_BELOW = 1.10
 

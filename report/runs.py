@@ -13,7 +13,7 @@ import numpy as np
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.util import tensor_util
 
-from shared_data import run_config, tags
+from shared_data import environment, run_config, tags
 
 # Two runs are comparable only when all of these agree (seed and epochs may differ between repeats).
 COMPARABLE_FIELDS = ("dataset", "model", "img_size", "batch_size", "precision", "augment", "device")
@@ -145,6 +145,16 @@ class Group:
     def runs(self) -> list[Run]:
         return [run for runs in self.variants.values() for run in runs]
 
+    def vector_isas(self) -> dict[str, list[Run]]:
+        """CPU vector ISA (shared_data.environment.vector_isa_of) -> the group's runs that ran on it; empty for
+        runs on GPUs. More than one key marks a comparison across CPUs whose Flax/PyTorch ratio differs by design."""
+        found: dict[str, list[Run]] = defaultdict(list)
+        for run in self.runs():
+            isa = environment.vector_isa_of(run.config.get("device"))
+            if isa is not None:
+                found[isa].append(run)
+        return dict(found)
+
     def unmeasured_epochs(self) -> dict[int, list[tuple[Run, str]]]:
         """Epoch -> (run, why) for the common epochs some run cannot time (Run.unmeasured_epochs). Such an epoch is
         left out of every run's speed figures, so that all of them cover the same epochs."""
@@ -204,11 +214,6 @@ def read_trace(run_dir: Path) -> tuple[dict[str, list[tuple[int, float]]], list[
     return scalars, problems
 
 
-def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar point of the event files directly in `run_dir`, by tag, sorted by step (see read_trace)."""
-    return read_trace(run_dir)[0]
-
-
 def read_json(path: Path) -> dict[str, Any]:
     """A JSON file the runs left behind; NotComparableError (one line, naming the file) when it cannot be read."""
     try:
@@ -220,9 +225,6 @@ def read_json(path: Path) -> dict[str, Any]:
 def read_run(run_dir: Path, benchmark: dict[str, Any] | None = None) -> Run:
     """Load one run folder `<logdir>/<stack>/<run-name>/`; `benchmark` is benchmark.py's record of it."""
     config = read_json(run_dir / "config.json")
-    if "init_from" in config:  # written before --pretrained became the flag's name (--init-from is its alias)
-        config.setdefault("pretrained", config.pop("init_from"))
-    config.setdefault("augment", "basic")  # runs recorded before --augment existed trained with crop and flip only
     missing = [name for name in ("stack", *COMPARABLE_FIELDS) if name not in config]
     if missing:
         raise NotComparableError(

@@ -19,8 +19,10 @@ from lightning_swin.configs import default
 from lightning_swin.datamodule import EpochBatchSampler, ResumableLoader, TrainBatches
 from lightning_swin.module import learning_rate_schedule
 from lightning_swin.train import train_and_evaluate
-from scripts.train_lightning import main
 from shared_data import run_config, tags
+from tests import stacks
+
+main = stacks.script_main("train_lightning")  # scripts/train_lightning.py's main(argv)
 
 REPO = Path(__file__).resolve().parents[1]
 # Small and fast: the nano model at 64 px on the session's tiny synthetic set (200 train, 100 val images).
@@ -28,13 +30,7 @@ FAST = ["--dataset", "synthetic", "--synthetic-size", "tiny", "--model", "swinv2
         "--num-workers", "0", "--lr", "2e-3", "--warmup-epochs", "0.5"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Several test suites share two cores: spinning OpenMP threads slow each step by 10x there.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def config_from_flags(argv: list[str]) -> dict:
@@ -57,12 +53,10 @@ def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Three epochs of the smoke preset, as a user types it, shared by the tests that read its outputs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("smoke")
-    code = main(["--preset", "smoke", "--epochs", "3", "--num-workers", "0", "--data-dir", str(root / "data"),
-                 "--logdir", str(root / "runs"), "--run-name", "smoke"])
-    torch.set_num_threads(before)
+    with stacks.torch_threads(1):
+        code = main(["--preset", "smoke", "--epochs", "3", "--num-workers", "0", "--data-dir", str(root / "data"),
+                     "--logdir", str(root / "runs"), "--run-name", "smoke"])
     assert code == 0
     return root / "runs" / "lightning" / "smoke"
 
@@ -175,7 +169,7 @@ def test_bf16_trains_bf16_activations_on_float32_weights(tmp_path, synthetic_dat
 @pytest.mark.parametrize("flags, flag", [
     (["--batch-size", "0"], "--batch-size"),
     (["--devices", "0"], "--devices"),
-    (["--batch-size", "30", "--devices", "4"], "--batch-size"),
+    (["--batch-size", "31", "--devices", "2"], "--batch-size"),
     (["--model", "swinv2_giant"], "--model"),
     (["--img-size", "60"], "--img-size"),
 ])

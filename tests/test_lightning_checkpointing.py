@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import signal
 from pathlib import Path
@@ -17,23 +18,19 @@ from lightning_swin import checkpointing
 from lightning_swin.checkpointing import leftovers, list_checkpoints, resume_point, verify_checkpoint
 from lightning_swin.configs import default
 from lightning_swin.train import train_and_evaluate
-from scripts import checkpoints as tool
-from scripts.train_lightning import main
+from tools import checkpoints as tool
 from shared_data import checksums, errors, run_config, trash_safe
 from shared_data.errors import CheckpointDamagedError, CheckpointError
+from tests import stacks
+
+main = stacks.script_main("train_lightning")  # scripts/train_lightning.py's main(argv)
 
 # The nano model at 64 px on the session's tiny synthetic set: 200 train images, so 6 steps of 32 per epoch.
 FAST = ["--dataset", "synthetic", "--synthetic-size", "tiny", "--model", "swinv2_nano_window4_64", "--img-size", "64",
         "--num-workers", "0", "--batch-size", "32", "--lr", "2e-3", "--warmup-epochs", "0.5"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Several test suites share two cores: spinning OpenMP threads slow each step by 10x there.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def argv(logdir: Path, data_dir: Path, *flags: str, run_name: str = "run") -> list[str]:
@@ -180,7 +177,7 @@ def test_ctrl_c_exits_130_with_the_flags_that_continue_the_run(tmp_path, synthet
         "train_lightning.py: interrupted; continue with --resume --run-name run")
 
 
-def test_damaged_latest_checkpoint_is_skipped_with_a_warning_naming_it(tmp_path, synthetic_data_dir):
+def test_damaged_latest_checkpoint_is_skipped_with_a_warning_naming_it(tmp_path, synthetic_data_dir, capsys):
     run_training(tmp_path, synthetic_data_dir, "--max-steps", "4", "--checkpoint-every-steps", "2",
                  "--keep-checkpoints", "3")
     run_dir = tmp_path / "lightning" / "run"
@@ -188,8 +185,8 @@ def test_damaged_latest_checkpoint_is_skipped_with_a_warning_naming_it(tmp_path,
     newest.write_bytes(newest.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match=newest.name):
         verify_checkpoint(newest)
-    with pytest.warns(UserWarning, match=newest.name):
-        chosen, damaged = resume_point(run_dir)
+    chosen, damaged = resume_point(run_dir)
+    assert f"warning: skipping damaged checkpoint: {newest}" in capsys.readouterr().err
     assert chosen is not None and chosen != newest and verify_checkpoint(chosen)["global_step"] > 0
     assert damaged == [newest]
 
@@ -210,7 +207,8 @@ def test_disk_full_during_a_save_stops_with_one_line_and_keeps_the_previous(tmp_
         main(argv(tmp_path, synthetic_data_dir, "--max-steps", "6", "--checkpoint-every-steps", "2"))
     assert exit_info.value.code == 1
     message = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "no space left on device" in message and "--resume" in message
+    assert message.startswith("train_lightning.py: error: disk full while saving the checkpoint of step 4 in ")
+    assert "--resume" in message
     infos = list_checkpoints(tmp_path / "lightning" / "run")
     assert [i.step for i in infos] == [2] and all(i.complete for i in infos)
     verify_checkpoint(infos[0].path)
@@ -224,8 +222,9 @@ def test_disk_full_during_a_save_stops_with_one_line_and_keeps_the_previous(tmp_
 def finished_run(tmp_path_factory, synthetic_data_dir) -> Path:
     """One epoch (6 steps) saved every 2 steps, keeping 3: best and last of step 6, and step 4's step save."""
     logdir = tmp_path_factory.mktemp("finished")
-    torch.set_num_threads(1)
-    run_training(logdir, synthetic_data_dir, "--epochs", "1", "--checkpoint-every-steps", "2", "--keep-checkpoints", "3")
+    with stacks.torch_threads(1):
+        run_training(logdir, synthetic_data_dir, "--epochs", "1", "--checkpoint-every-steps", "2",
+                     "--keep-checkpoints", "3")
     return logdir / "lightning" / "run"
 
 
@@ -251,38 +250,41 @@ def test_each_checkpoint_has_a_checksum_sidecar_written_with_it(finished_run):
     assert leftovers(finished_run) == []
 
 
-def test_a_flipped_byte_inside_a_tensor_is_found_by_verify_and_skipped_by_resume(finished_run, tmp_path):
+def test_a_flipped_byte_inside_a_tensor_is_found_by_verify_and_skipped_by_resume(finished_run, tmp_path, capsys):
     run_dir = _copy(finished_run, tmp_path)
     newest = _complete(run_dir)[-1]
     _flip_a_byte(newest)
     torch.load(newest, map_location="cpu", weights_only=False)  # still loads: only the checksum tells
     with pytest.raises(CheckpointDamagedError, match=f"{newest.name} is damaged: it differs from what was saved"):
         verify_checkpoint(newest)
-    with pytest.warns(UserWarning, match=f"skipping damaged checkpoint: .*{newest.name}"):
-        chosen, damaged = resume_point(run_dir)
+    chosen, damaged = resume_point(run_dir)
     assert damaged == [newest] and chosen == _complete(run_dir)[-2]
+    assert re.search(f"^warning: skipping damaged checkpoint: .*{newest.name}", capsys.readouterr().err, re.M)
 
 
 def test_a_damaged_checkpoint_skipped_on_resume_is_gone_once_the_run_succeeds(finished_run, tmp_path,
-                                                                              synthetic_data_dir):
+                                                                              synthetic_data_dir, capsys):
     run_dir = _copy(finished_run, tmp_path)
     newest = _complete(run_dir)[-1]
     _flip_a_byte(newest)
-    with pytest.warns(UserWarning, match=f"skipping damaged checkpoint: .*{newest.name}"):
-        run_training(tmp_path, synthetic_data_dir, "--epochs", "2", "--checkpoint-every-steps", "2",
-                     "--keep-checkpoints", "3", "--resume")
+    run_training(tmp_path, synthetic_data_dir, "--epochs", "2", "--checkpoint-every-steps", "2",
+                 "--keep-checkpoints", "3", "--resume")
+    assert f"skipping damaged checkpoint: {newest}" in capsys.readouterr().err
     assert not newest.exists() and not checksums.sidecar(newest).exists()
     assert len(_complete(run_dir)) == 3 and leftovers(run_dir) == []
     assert tool.main(["verify", str(run_dir)]) == 0
 
 
-def test_a_checkpoint_saved_before_checksums_existed_still_loads(finished_run, tmp_path):
+def test_a_checkpoint_whose_checksums_are_missing_stops_the_resume_and_is_kept(finished_run, tmp_path):
     run_dir = _copy(finished_run, tmp_path)
-    for path in _complete(run_dir):
-        checksums.sidecar(path).unlink()
     newest = _complete(run_dir)[-1]
-    assert verify_checkpoint(newest)["global_step"] == 6
-    assert resume_point(run_dir) == (newest, [])
+    checksums.sidecar(newest).unlink()
+    with pytest.raises(CheckpointError, match=f"{newest.name} has no checksums"):
+        verify_checkpoint(newest)
+    before = names(run_dir)
+    with pytest.raises(CheckpointError, match="has no checksums"):
+        resume_point(run_dir)
+    assert names(run_dir) == before, "not proven damaged: nothing is skipped or deleted"
 
 
 def _failing_reads(monkeypatch, failures: int) -> None:
@@ -324,11 +326,12 @@ def test_when_every_checkpoint_is_damaged_resume_stops_and_deletes_none(finished
     for path in _complete(run_dir):
         _flip_a_byte(path)
     before = names(run_dir)
-    with pytest.raises(SystemExit) as exit_info, pytest.warns(UserWarning, match="skipping damaged checkpoint"):
+    with pytest.raises(SystemExit) as exit_info:
         main(argv(tmp_path, synthetic_data_dir, "--epochs", "2", "--checkpoint-every-steps", "2",
                   "--keep-checkpoints", "3", "--resume"))
     assert exit_info.value.code == 1
-    assert "every checkpoint in" in capsys.readouterr().err.strip().splitlines()[-1]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "every checkpoint in" in err[-1] and any(line.startswith("warning: skipping damaged") for line in err)
     assert names(run_dir) == before
 
 

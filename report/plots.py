@@ -1,4 +1,4 @@
-"""The report's PNG figures: step and epoch times, throughput, learning curves, breakdown, operations, same training."""
+"""The report's PNG figures: times, throughput, curves, breakdown, operations, same training, how the cost grows."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: the report is written on headless machines
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.ticker import FixedLocator, MaxNLocator, ScalarFormatter  # noqa: E402
 
 # One colour per variant everywhere, so a reader can match figures at a glance.
 VARIANT_COLOURS = {"Flax": "tab:blue", "Lightning eager": "tab:orange", "Lightning compiled": "tab:red"}
@@ -158,10 +158,10 @@ def plot_operations(kinds: Mapping[str, Mapping[str, float]], path: Path) -> Pat
                          "Inside the step: time per kind of operation", path)
 
 
-def plot_same_training(losses: Mapping[str, tuple[np.ndarray, np.ndarray]], compared_steps: int, bound: float,
-                       path: Path) -> Path:
+def plot_same_training(losses: Mapping[str, tuple[np.ndarray, np.ndarray]], compared_steps: int,
+                       bound: float | None, path: Path) -> Path:
     """Two runs started from the same weights: their training losses, and the absolute difference per common step
-    against `bound` over the first `compared_steps` common steps."""
+    against `bound` (None: no bound line) over the first `compared_steps` common steps."""
     figure, (loss_axes, difference_axes) = plt.subplots(1, 2, figsize=(12, 4.2))
     for label, (steps, loss) in losses.items():
         loss_axes.plot(steps, loss, color=_colour(label), lw=0.9, alpha=0.8, label=label)
@@ -170,7 +170,9 @@ def plot_same_training(losses: Mapping[str, tuple[np.ndarray, np.ndarray]], comp
     difference = np.abs(loss_a[at_a] - loss_b[at_b])
     shown = difference > 0  # a log axis cannot show an exact match
     difference_axes.plot(common[shown], difference[shown], color="k", lw=0.8, marker=".", ms=3)
-    difference_axes.axhline(bound, color="tab:red", ls="--", lw=0.8, label=f"bound {bound:.0e}".replace("e-0", "e-"))
+    if bound is not None:
+        difference_axes.axhline(bound, color="tab:red", ls="--", lw=0.8,
+                                label=f"bound {bound:.0e}".replace("e-0", "e-"))
     if len(common) > compared_steps:
         difference_axes.axvline(common[compared_steps - 1] + 0.5, color="k", ls=":", lw=0.5,
                                 label=f"first {compared_steps} common steps")
@@ -179,4 +181,31 @@ def plot_same_training(losses: Mapping[str, tuple[np.ndarray, np.ndarray]], comp
     difference_axes.set(xlabel="global step", ylabel="|difference|", title="Absolute difference of the losses")
     for axes in (loss_axes, difference_axes):
         axes.legend()
+    return _save(figure, path)
+
+
+def plot_growth(points: Mapping[str, Sequence[tuple[int, float | None, float | None]]], memory_label: str,
+                path: Path) -> Path:
+    """How the cost grows: per label (variant, and image size where several), train images/s and peak memory (MiB)
+    against the batch size, from (batch size, images/s, memory) points."""
+    figure, (rate_axes, memory_axes) = plt.subplots(1, 2, figsize=(12, 4.2))
+    for label, rows in points.items():
+        rows = sorted(rows)
+        variant = label.split(",")[0]
+        for axes, index in ((rate_axes, 1), (memory_axes, 2)):
+            shown = [(row[0], row[index]) for row in rows if row[index] is not None]
+            if shown:
+                axes.plot(*zip(*shown), marker="o", color=_colour(variant), label=label,
+                          ls="-" if label == variant else "--")
+    rate_axes.set(xlabel="global batch", ylabel="train images/s", title="Throughput against batch size")
+    memory_axes.set(xlabel="global batch", ylabel=f"{memory_label} MiB", title="Peak memory against batch size")
+    for axes in (rate_axes, memory_axes):
+        axes.set_xscale("log", base=2)
+        axes.xaxis.set_major_locator(FixedLocator(sorted({p[0] for r in points.values() for p in r})))
+        axes.xaxis.set_major_formatter(ScalarFormatter())
+        axes.set_ylim(bottom=0)
+        if axes.get_legend_handles_labels()[0]:
+            axes.legend()
+        else:
+            axes.text(0.5, 0.5, "not recorded", transform=axes.transAxes, ha="center")
     return _save(figure, path)

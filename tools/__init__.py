@@ -1,0 +1,1 @@
+"""Tools on both stacks' outputs: data preparation, checkpoints, evaluation, weight conversion."""
