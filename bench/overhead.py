@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
 import statistics
 import sys
@@ -56,7 +57,7 @@ class Overhead:
     def percent(self) -> float:
         return (self.on_s / self.off_s - 1) * 100
 
-    @property
+    @functools.cached_property  # 2000 resamples: computed once, read by the table, the record and target_met
     def error_percent(self) -> float | None:
         """The standard error of `percent` in percentage points: the spread of the overhead over BOOTSTRAP_SAMPLES
         resamples of the epochs (with replacement, a fixed seed); None with fewer than 2 epochs a side."""

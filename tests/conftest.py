@@ -1,11 +1,14 @@
-"""Shared fixtures: one small synthetic Imagenette written once per session, and it prepared at 64 px."""
+"""Shared fixtures: one small synthetic Imagenette written once per session (and prepared at 64 px), a cloud trash."""
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import pytest
 
+from shared_data import trash_safe
 from shared_data.prepare import PreparedData, prepare_data
 from shared_data.synthetic import write_synthetic
 from tests import stacks
@@ -54,3 +57,17 @@ def one_torch_thread():
     """torch on one intra-op thread for the test, restored after it (tests.stacks.torch_threads)."""
     with stacks.torch_threads(1):
         yield
+
+
+@pytest.fixture
+def trash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A cloud drive's trash: whatever trash_safe unlinks is moved into this folder instead of freed."""
+    folder = tmp_path / "trash"
+    folder.mkdir()
+    counter = iter(range(10**6))
+
+    def move_to_trash(path):
+        shutil.move(os.fspath(path), folder / f"{next(counter)}-{Path(path).name}")
+
+    monkeypatch.setattr(trash_safe, "_unlink", move_to_trash)
+    return folder

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import types
@@ -12,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from shared_data import trash_safe
 from shared_data.clock import Sections
 from shared_data.retention import CheckpointInfo
 from tools import checkpoints as tool
@@ -56,20 +54,6 @@ def fake_backends(monkeypatch):
         monkeypatch.setitem(sys.modules, module.__name__, module)
         monkeypatch.setitem(tool.BACKEND_MODULES, stack, module.__name__)
     return modules
-
-
-@pytest.fixture
-def trash(tmp_path, monkeypatch):
-    """A simulated cloud-drive trash: whatever trash_safe unlinks is moved here instead."""
-    folder = tmp_path / "trash"
-    folder.mkdir()
-    counter = iter(range(10**6))
-
-    def move_to_trash(path):
-        shutil.move(os.fspath(path), folder / f"{next(counter)}-{Path(path).name}")
-
-    monkeypatch.setattr(trash_safe, "_unlink", move_to_trash)
-    return folder
 
 
 def _make_run(logdir: Path, stack: str, name: str, checkpoints: list[tuple[int, int, float | None]],

@@ -16,7 +16,6 @@ from shared_data.download import fetch_dataset
 from shared_data.prepare import prepare_data
 from shared_data.registry import get_spec
 from tests.test_data_download import FOLDER, _tgz
-from tests.test_trash_safe import trash  # noqa: F401  (the fixture: a cloud drive's trash)
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -19,7 +19,7 @@ from lightning_swin.checkpointing import leftovers, list_checkpoints, resume_poi
 from lightning_swin.configs import default
 from lightning_swin.train import train_and_evaluate
 from tools import checkpoints as tool
-from shared_data import checksums, errors, run_config, trash_safe
+from shared_data import checksums, errors, run_config
 from shared_data.errors import CheckpointDamagedError, CheckpointError
 from tests import stacks
 
@@ -45,20 +45,6 @@ def run_training(logdir: Path, data_dir: Path, *flags: str, run_name: str = "run
 
 def names(run_dir: Path) -> list[str]:
     return sorted(p.name for p in checkpointing.checkpoint_dir(run_dir).iterdir())
-
-
-@pytest.fixture
-def trash(tmp_path, monkeypatch) -> Path:
-    """A cloud drive's trash: every unlink moves the file there instead of freeing it."""
-    folder = tmp_path / "trash"
-    folder.mkdir()
-    counter = iter(range(10**6))
-
-    def move_to_trash(path):
-        shutil.move(os.fspath(path), folder / f"{next(counter)}-{Path(path).name}")
-
-    monkeypatch.setattr(trash_safe, "_unlink", move_to_trash)
-    return folder
 
 
 class Interrupt(Exception):

@@ -1,26 +1,10 @@
 """Deletions leave only empty files in a trash; atomic writes never leave a partial file."""
 
 import os
-import shutil
-from pathlib import Path
 
 import pytest
 
 from shared_data import trash_safe
-
-
-@pytest.fixture
-def trash(tmp_path, monkeypatch):
-    """A cloud drive's trash: every unlink moves the file there instead of freeing it."""
-    folder = tmp_path / "trash"
-    folder.mkdir()
-    counter = iter(range(10**6))
-
-    def move_to_trash(path):
-        shutil.move(os.fspath(path), folder / f"{next(counter)}-{Path(path).name}")
-
-    monkeypatch.setattr(trash_safe, "_unlink", move_to_trash)
-    return folder
 
 
 def test_removing_a_tree_leaves_only_empty_files_in_the_trash(tmp_path, trash):
