@@ -99,8 +99,11 @@ def test_profiled_steps_give_each_kind_of_operation_its_time(profiled_runs, stac
     for kind in (op_profile.MATMUL, op_profile.ATTENTION, op_profile.NORM, op_profile.ACTIVATION,
                  op_profile.OPTIMISER):
         assert kinds[kind] > 0, kind
-    # The matmuls are the largest single kind of a transformer's step on either stack.
-    assert kinds[op_profile.MATMUL] == max(kinds.values())
+    # The matmuls outweigh every other kind of arithmetic in a transformer's step on either stack. Layout changes
+    # and copies are left out: on this nano model (window 4, 64 px) eager torch's window partitions and
+    # transposes can cost more than its tiny matmuls (CI measured 42 ms of copies against 38 ms of matmuls).
+    arithmetic = (op_profile.ATTENTION, op_profile.NORM, op_profile.ACTIVATION, op_profile.OPTIMISER)
+    assert all(kinds[op_profile.MATMUL] > kinds[kind] for kind in arithmetic), kinds
     trace = list((profiled_runs / stack / "run" / "profile").rglob("*.xplane.pb" if stack == "flax" else "*.pt.trace.json"))
     assert trace, "the stack's own trace file, for TensorBoard"
 
