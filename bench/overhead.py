@@ -78,14 +78,15 @@ class Overhead:
 
 
 def plan_runs(args: argparse.Namespace, logdir: Path) -> list[PlannedRun]:
-    """Each repeat, every stack with timing on then off, one after the other: the two runs of a pair are neighbours
-    in time, so a slow drift of the machine moves both."""
+    """Each repeat, every stack of --stacks with timing on and off, one after the other: the two runs of a pair are
+    neighbours in time, so a slow drift of the machine moves both; odd repeats run off first, so a machine that slows
+    or speeds up over a pair favours neither side (an ABBA order)."""
     settings = [part for attribute, flag in SHARED_FLAGS if (value := getattr(args, attribute)) is not None
                 for part in (flag, str(value))]
     planned = []
     for repeat in range(args.repeats):
-        for stack in STACK_VARIANTS:
-            for timing in STEP_TIMINGS:
+        for stack in args.stacks:
+            for timing in (STEP_TIMINGS if repeat % 2 == 0 else tuple(reversed(STEP_TIMINGS))):
                 name = f"timing-{timing}-r{repeat}"
                 command = (sys.executable, str(runner.TRAINING_SCRIPTS[stack]), *settings, "--step-timing", timing,
                            "--run-name", name, "--logdir", str(logdir))
@@ -170,6 +171,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for attribute, flag in SHARED_FLAGS:
         parser.add_argument(flag, **PASSED_THROUGH.get(attribute, {}))
     parser.add_argument("--repeats", type=int, default=2, help="runs per stack and timing (default 2)")
+    parser.add_argument("--stacks", nargs="+", choices=list(STACK_VARIANTS), default=list(STACK_VARIANTS),
+                        help="the stacks to measure (default both)")
     parser.add_argument("--logdir", type=Path, default=None, help="default runs/overhead-<UTC timestamp>/")
     parser.add_argument("--max-wait-s", type=float, default=120.0,
                         help="before each run, wait up to this long for the 1-minute host load to fall to the core "

@@ -14,7 +14,7 @@ from pytorch_lightning.callbacks import TQDMProgressBar
 
 from lightning_swin.checkpointing import AtomicCheckpointIO
 from lightning_swin.devices import device_peak_mb
-from shared_data import dashboards, tags
+from shared_data import dashboards, event_files, tags
 from shared_data.clock import Sections, Span, StepClock
 from shared_data.environment import host_peak_mb
 from shared_data.errors import NonFiniteLossError
@@ -173,13 +173,10 @@ class TimingAndMetrics(pl.Callback):
         self._steps += 1
         self._losses.append(loss)
         self.last_loss = loss
-        if self.step_tags:
-            values = {tags.TRAIN_LOSS: loss, tags.TRAIN_ACCURACY: accuracy, tags.TRAIN_LR: done.lr,
-                      tags.STEP_TIME: times.step_s, tags.DATA_WAIT_TIME: times.data_wait_s,
-                      tags.COMPUTE_TIME: times.compute_s}
-            if done.step == 1:
-                values[tags.FIRST_STEP_TIME] = times.step_s
-            self._write(trainer, values, done.step)
+        if self.step_tags and trainer.is_global_zero and trainer.logger is not None:
+            # SummaryWriter has no add_summary of its own; its FileWriter's is public.
+            trainer.logger.experiment.file_writer.add_summary(
+                event_files.step_summary(done.step, loss, accuracy, done.lr, times), done.step)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:

@@ -73,6 +73,25 @@ def test_step_times_follow_the_one_clock(same_init_runs, stack):
     assert min(step_s.values()) > median / 3, step_s
 
 
+@pytest.mark.parametrize("stack", stacks.STACKS)
+def test_each_steps_tags_are_written_as_one_event(same_init_runs, stack):
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    step_tags = [tags.TRAIN_LOSS, tags.TRAIN_ACCURACY, tags.TRAIN_LR, tags.STEP_TIME, tags.DATA_WAIT_TIME,
+                 tags.COMPUTE_TIME]
+    events = [event for path in sorted(same_init_runs[stack].glob("events.out.tfevents.*"))
+              for event in EventFileLoader(str(path)).Load()]
+    written = {}
+    for event in events:
+        for tag in {value.tag for value in event.summary.value} & set(step_tags):
+            written.setdefault(tag, []).append((event.step, id(event)))
+    # Every step tag at every step, and each step's tags in the one event (shared_data.event_files.step_summary).
+    assert {tag: [step for step, _ in points] for tag, points in written.items()} == {
+        tag: list(range(1, 2 * STEPS_PER_EPOCH + 1)) for tag in step_tags}
+    assert all(len({event for _, event in points}) == 2 * STEPS_PER_EPOCH for points in written.values())
+    assert len({tuple(event for _, event in points) for points in written.values()}) == 1
+
+
 # ------------------------------------------------------------------------------------------------
 # Planted delays: the step that had the delay, and only it, carries it.
 
