@@ -63,6 +63,7 @@ class Mode:
 
     name: str
     benchmark_flags: tuple[str, ...]  # the runs, as scripts/benchmark.py flags (the precisions added by the command)
+    sweep_batch_sizes: tuple[int, ...]  # the eager pair again at each, last, when the budget allows (cost growth)
     prior_s: dict[tuple[str, bool], float]  # (stack, compiled) -> a bf16 run's seconds, guessed before any run ends
     fp32_factor: float  # a float32 run's guessed seconds over a bf16 run's
     reserve_s: float  # kept back from the runs for the final comparison (with figures) and the packing
@@ -75,13 +76,13 @@ class Mode:
 GPU = Mode(
     "gpu",
     ("--preset", "swinv2_tiny_window8_256", "--dataset", "synthetic", "--synthetic-size", "imagenette",
-     "--batch-sizes", "64", "--epochs", "3", "--same-init", "--num-workers", "8"),
+     "--batch-sizes", "64", "--epochs", "3", "--same-init", "--num-workers", "8"), (128,),
     {("flax", False): 100.0, ("lightning", False): 50.0, ("lightning", True): 160.0}, 1.2,
     reserve_s=30.0, max_wait_s=15.0, probe_limit_s=60.0, self_check_limit_s=120.0, gpu=True)
 REHEARSAL = Mode(
     "rehearsal",
     ("--preset", "smoke", "--dataset", "synthetic", "--synthetic-size", "tiny", "--batch-sizes", "32", "--epochs", "1",
-     "--same-init", "--num-workers", "2"),
+     "--same-init", "--num-workers", "2"), (64,),
     {("flax", False): 60.0, ("lightning", False): 40.0, ("lightning", True): 120.0}, 1.0,
     reserve_s=45.0, max_wait_s=0.0, probe_limit_s=120.0, self_check_limit_s=300.0, gpu=False)
 
@@ -124,12 +125,20 @@ def precision_of(run: PlannedRun) -> str:
     return run.command[run.command.index("--precision") + 1]
 
 
+def batch_of(run: PlannedRun) -> int:
+    return int(run.command[run.command.index("--batch-size") + 1])
+
+
 def stages(planned: list[PlannedRun]) -> list[tuple[PlannedRun, ...]]:
     """The runs in the order they answer the question, one stage running whole or not at all: per precision (bf16
     first) the Flax and Lightning eager pair, then the Lightning compiled runs (the longest: TorchInductor compiles
-    for minutes), bf16 first again."""
-    def key(run: PlannedRun) -> tuple[bool, int]:
-        return run.compile, PRECISION_ORDER.index(precision_of(run))
+    for minutes), bf16 first again; last the sweep's runs (a batch size other than the first run's), one stage per
+    batch size, which with the first give the report's "How the cost grows"."""
+    main_batch = batch_of(planned[0]) if planned else None
+
+    def key(run: PlannedRun) -> tuple[int, bool, int]:
+        sweep = batch_of(run) if batch_of(run) != main_batch else 0
+        return sweep, run.compile, PRECISION_ORDER.index(precision_of(run))
 
     grouped: dict[tuple[bool, int], list[PlannedRun]] = {}
     for run in sorted(planned, key=key):  # stable: Flax before Lightning eager, as planned
@@ -399,7 +408,14 @@ def main(argv: list[str] | None = None) -> int:
              *(["--no-compile"] if args.no_compile else [])]
     runs_args = benchmark.parse_args(flags)
     check_args = benchmark.parse_args([*SELF_CHECK_FLAGS, "--data-dir", data_dir])
-    planned = [run for stage in stages(benchmark.plan_runs(runs_args, logdir)) for run in stage]
+    # The sweep: the eager pair in the first precision again at the other batch sizes (the last --batch-sizes and
+    # --precisions given win).
+    first_precision = min(args.precisions, key=PRECISION_ORDER.index)
+    sweep_args = benchmark.parse_args([*flags, "--batch-sizes", *map(str, mode.sweep_batch_sizes), "--precisions",
+                                       first_precision, "--no-compile"]) if mode.sweep_batch_sizes else None
+    planned = [run for stage in stages([*benchmark.plan_runs(runs_args, logdir),
+                                        *(benchmark.plan_runs(sweep_args, logdir) if sweep_args else [])])
+               for run in stage]
     record = new_record(mode, args.budget_s, planned, created=stamp, out=str(out), workdir=str(workdir),
                         benchmark_flags=flags)
     benchmark_record = {"created": stamp, "argv": ["gpu_benchmark.py", *(argv or sys.argv[1:])],

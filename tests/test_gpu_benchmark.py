@@ -71,6 +71,16 @@ def test_stages_run_each_precisions_pair_first_bf16_first_then_the_compiled_runs
     assert "--pretrained" in first  # --same-init
 
 
+def test_the_sweeps_runs_come_last_one_stage_per_batch_size():
+    main = _planned()
+    sweep = _planned("--batch-sizes", "128", "256", "--precisions", "bf16", "--no-compile")
+    stages = gpu.stages(main + sweep)
+    assert [[gpu.batch_of(run) for run in stage] for stage in stages] == [[64, 64]] * 2 + [[64]] * 2 + [
+        [128, 128], [256, 256]]
+    assert _kinds(stages[-1]) == [("flax", False, "bf16"), ("lightning", False, "bf16")]
+    assert len({run.run_name for run in main + sweep if run.stack == "flax"}) == 4  # names carry the batch size
+
+
 def test_estimates_are_the_priors_scaled_by_how_the_runs_done_compared_with_theirs():
     mode = dataclasses.replace(REHEARSAL, prior_s={("flax", False): 10.0, ("lightning", False): 5.0,
                                                    ("lightning", True): 50.0}, fp32_factor=2.0)
@@ -167,18 +177,21 @@ def test_rehearsal_runs_the_pairs_skips_what_does_not_fit_and_leaves_four_files(
     assert [(e["stack"], e["compile"], e["precision"], e["status"]) for e in record["plan"]] == [
         ("flax", False, "bf16", "done"), ("lightning", False, "bf16", "done"),
         ("flax", False, "fp32", "done"), ("lightning", False, "fp32", "done"),
-        ("lightning", True, "bf16", "skipped"), ("lightning", True, "fp32", "skipped")]
-    assert record["plan"][-1]["note"].startswith("skipped: its stage expected to need")
+        ("lightning", True, "bf16", "skipped"), ("lightning", True, "fp32", "skipped"),
+        ("flax", False, "bf16", "done"), ("lightning", False, "bf16", "done")]  # the sweep, at batch 64
+    assert [e["run_name"] for e in record["plan"]][-2:] == ["bs64-bf16-r0", "bs64-bf16-eager-r0"]
+    assert record["plan"][-3]["note"].startswith("skipped: its stage expected to need")
     assert {"probe", "self-check", "data", "init weights", "report"} <= set(record["sections"])
 
     runs = json.loads((workdir / "runs" / "benchmark.json").read_text())["runs"]
-    assert [run["returncode"] for run in runs] == [0, 0, 0, 0]
-    assert [("JAX_DEFAULT_MATMUL_PRECISION=highest" in run["command"]) for run in runs] == [True, False, True, False]
+    assert [run["returncode"] for run in runs] == [0] * 6
+    assert [("JAX_DEFAULT_MATMUL_PRECISION=highest" in run["command"]) for run in runs] == [True, False] * 3
     assert all(run["command"][0] == "timeout" for run in runs)
     assert (workdir / "selfcheck" / "flax" / "bf16-r0" / "config.json").is_file()
 
     report = (out / "report.md").read_text()
-    assert report.count("| Training: Flax vs Lightning eager |") == 2  # bf16 and fp32
+    assert report.count("| Training: Flax vs Lightning eager |") == 3  # bf16 and fp32 at batch 32, bf16 at 64
+    assert "## How the cost grows" in report and "cost_growth.png" in report
     assert "## On this machine (scripts/gpu_benchmark.py)" in report and "| JAX | fp32 | JAX_DEFAULT_MATMUL_PRECISION" \
         "=highest | matmul error 2.0e-07 (full float32)" in report
     assert "| bs32-bf16-compile-r0 | lightning | True | bf16 | skipped |" in report
