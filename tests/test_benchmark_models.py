@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from bench import models
 from bench.models import OURS_FLAX, OURS_TORCH, TIMM, Timing
 from shared_data.environment import cpu_description
@@ -27,6 +29,7 @@ def test_timm_is_compared_for_the_variants_it_has():
     assert not models.timm_has("swinv2_nano_window4_64")
 
 
+@pytest.mark.slow  # 22 s; the harness's parts are tested by default above
 def test_script_times_flax_and_pytorch_in_one_process_and_prints_their_ratio():
     result = subprocess.run(
         [sys.executable, str(REPO_ROOT / "scripts" / "benchmark_models.py"), "--model", "swinv2_nano_window4_64",

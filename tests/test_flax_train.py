@@ -216,6 +216,7 @@ ONE_STEP = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow  # 38 s; tests/test_multi_process.py covers two Flax processes by default
 def test_two_devices_give_the_same_parameters_as_one_to_float32_rounding(compilation_cache, reference_run, tmp_path):
     # The two-device step runs in a process with two host devices; the one-device step here, where the
     # tiny runs already compiled it (XLA flags are part of the cache key, so it could not be shared).

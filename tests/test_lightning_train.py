@@ -184,6 +184,7 @@ def test_bad_flag_fails_before_reading_data_and_names_the_flag(tmp_path, capsys,
     assert not data_dir.exists() and not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow  # 18 s; tests/test_multi_process.py covers two Lightning nodes by default
 def test_ddp_on_two_cpu_processes_matches_one_process_with_the_same_global_batch(tmp_path, synthetic_data_dir):
     flags = ["--max-steps", "3", "--batch-size", "16", "--drop-path", "0", "--epochs", "1"]
     argv = [*FAST, "--data-dir", str(synthetic_data_dir), "--logdir", str(tmp_path), *flags]
