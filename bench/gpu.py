@@ -137,10 +137,10 @@ def stages(planned: list[PlannedRun]) -> list[tuple[PlannedRun, ...]]:
     main_batch = batch_of(planned[0]) if planned else None
 
     def key(run: PlannedRun) -> tuple[int, bool, int]:
-        sweep = batch_of(run) if batch_of(run) != main_batch else 0
-        return sweep, run.compile, PRECISION_ORDER.index(precision_of(run))
+        batch = batch_of(run)
+        return batch if batch != main_batch else 0, run.compile, PRECISION_ORDER.index(precision_of(run))
 
-    grouped: dict[tuple[bool, int], list[PlannedRun]] = {}
+    grouped: dict[tuple[int, bool, int], list[PlannedRun]] = {}
     for run in sorted(planned, key=key):  # stable: Flax before Lightning eager, as planned
         grouped.setdefault(key(run), []).append(run)
     return [tuple(runs) for runs in grouped.values()]

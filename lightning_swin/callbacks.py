@@ -100,21 +100,25 @@ class TimingAndMetrics(pl.Callback):
         self.history = list(state_dict["history"])
 
     @staticmethod
-    def _write(trainer: pl.Trainer, values: dict[str, float], step: int, flush: bool = False) -> None:
+    def _writer(trainer: pl.Trainer) -> Any:
+        """The run's SummaryWriter on the process that writes (global rank 0, with a logger), else None."""
+        return trainer.logger.experiment if trainer.is_global_zero and trainer.logger is not None else None
+
+    def _write(self, trainer: pl.Trainer, values: dict[str, float], step: int, flush: bool = False) -> None:
         """Write `values` at TensorBoard step `step`; with `flush`, put them and every tag before them on disk."""
-        if not trainer.is_global_zero or trainer.logger is None:
+        writer = self._writer(trainer)
+        if writer is None:
             return
-        writer = trainer.logger.experiment
         for tag, value in values.items():
             writer.add_scalar(tag, value, step)
         if flush:
             writer.flush()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.is_global_zero and trainer.logger is not None:
+        if (writer := self._writer(trainer)) is not None:
             # SummaryWriter has no add_summary of its own; its FileWriter's is public.
             for summary in dashboards.run_start(self.run_dir):
-                trainer.logger.experiment.file_writer.add_summary(summary, 0)
+                writer.file_writer.add_summary(summary, 0)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._reset_epoch(time.perf_counter())
@@ -173,10 +177,9 @@ class TimingAndMetrics(pl.Callback):
         self._steps += 1
         self._losses.append(loss)
         self.last_loss = loss
-        if self.step_tags and trainer.is_global_zero and trainer.logger is not None:
-            # SummaryWriter has no add_summary of its own; its FileWriter's is public.
-            trainer.logger.experiment.file_writer.add_summary(
-                event_files.step_summary(done.step, loss, accuracy, done.lr, times), done.step)
+        if self.step_tags and (writer := self._writer(trainer)) is not None:
+            writer.file_writer.add_summary(event_files.step_summary(done.step, loss, accuracy, done.lr, times),
+                                           done.step)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -186,7 +189,7 @@ class TimingAndMetrics(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._finish_in_flight(trainer)
-        if trainer.is_global_zero and trainer.logger is not None:
+        if self._writer(trainer) is not None:
             self._write(trainer, {}, trainer.global_step, flush=True)  # the outcome's median reads the event files
             self._write(trainer, dashboards.outcome(self.run_dir, self.history), trainer.global_step, flush=True)
 
