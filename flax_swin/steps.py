@@ -2,8 +2,9 @@
 warm-up-cosine recipe (the mirror of lightning_swin/module.py)."""
 
 # No `from __future__ import annotations`: clu's metric Collections read their fields' classes from the annotations.
+import contextlib
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import flax.struct
 import jax
@@ -13,6 +14,8 @@ import numpy as np
 import optax
 from clu import metrics as clu_metrics
 from flax import nnx
+from jax.extend import random as jax_random
+from jax.interpreters import mlir
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from flax_swin import input_pipeline
@@ -104,16 +107,62 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any,
 INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
 
 
+@contextlib.contextmanager
+def unrolled_threefry_on_cpu() -> Iterator[None]:
+    """Within the block, programs lowered for a CPU take jax's unrolled threefry (the other backends' lowering).
+
+    On a CPU jax lowers each threefry hash as a rolled five-round loop. The nano model's initialisation holds 72 of
+    them (a key derived per parameter, then its draw); XLA:CPU compiles every loop as its own computations and cannot
+    fold a loop of constants, so the keys of the constant seed are hashed at run time. Unrolled, the key derivations
+    fold away and the draws fuse: compile 2.4 -> 1.45 s for the nano model (2-core AVX-512 CPU), the same integers
+    (the same hash) and, at INIT_COMPILER_OPTIONS, bitwise the same parameters (tests/test_flax_startup.py).
+    jax offers no public switch for this lowering, so the block registers jax's own two rules (private names of
+    jax._src.random.threefry2x32) through the public mlir.register_lowering, and restores the CPU one on exit; a
+    jax without those names (one that lowers it otherwise) is left as it is. Not thread-safe: nothing else may
+    lower for a CPU meanwhile.
+    """
+    try:
+        from jax._src.random import threefry2x32  # private: see above
+        unrolled, rolled = threefry2x32._threefry2x32_lowering_rule, threefry2x32._threefry2x32_cpu_lowering_rule
+    except (ImportError, AttributeError):
+        unrolled = rolled = None
+    if unrolled is None:
+        yield
+        return
+    mlir.register_lowering(jax_random.threefry2x32_p, unrolled, platform="cpu", inline=False)
+    try:
+        yield
+    finally:
+        mlir.register_lowering(jax_random.threefry2x32_p, rolled, platform="cpu")
+
+
 def build_model(build: Callable[[], nnx.Module]) -> nnx.Module:
-    """`build()` (a model's construction) run as one jitted program, compiled with INIT_COMPILER_OPTIONS on a CPU.
+    """`build()` (a model's construction) run as one jitted program, compiled quickly on a CPU with the same bits.
 
     One program, not eager construction: eagerly, every initializer of every shape compiles on its own (103 XLA
     programs, 7.0 s for the nano model on a 2-core CPU, against 4.5 s jitted), with bitwise the same parameters.
+    On a CPU the program is lowered with unrolled_threefry_on_cpu and compiled with INIT_COMPILER_OPTIONS.
     nnx.jit takes no compiler options, so the model crosses jax.jit as nnx.split's (graph, state).
     """
-    options = INIT_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
-    graphdef, state = jax.jit(lambda: nnx.split(build()), compiler_options=options)()
+    if jax.default_backend() != "cpu":
+        graphdef, state = jax.jit(lambda: nnx.split(build()))()
+        return nnx.merge(graphdef, state)
+    with unrolled_threefry_on_cpu():
+        lowered = jax.jit(lambda: nnx.split(build())).trace().lower()
+    graphdef, state = lowered.compile(compiler_options=INIT_COMPILER_OPTIONS)()
     return nnx.merge(graphdef, state)
+
+
+def initial_optimizer_state(optimizer: optax.GradientTransformation, params: Any) -> Any:
+    """`optimizer.init(params)` for make_optimizer's chain, made on the host as numpy zeros of the shapes it gives.
+
+    Every state that chain starts from is zeros (AdamW's step count and moments; clipping and the schedule keep
+    none or a count), so no XLA program is compiled for it: 0.2 s for the nano model on a 2-core CPU, jitted, and
+    1.1 s eagerly, where each zeros_like of each shape is its own dispatch. tests/test_flax_startup.py checks it
+    against optax's own init, leaf for leaf, with and without clipping.
+    """
+    shapes = jax.eval_shape(optimizer.init, params)  # traces optax's init, computes nothing
+    return jax.tree.map(lambda leaf: np.zeros(leaf.shape, leaf.dtype), shapes)
 
 
 def create_model_and_state(config: ml_collections.ConfigDict, num_classes: int, mesh: Mesh,
@@ -134,9 +183,7 @@ def create_model_and_state(config: ml_collections.ConfigDict, num_classes: int, 
     # Plain nested dicts of arrays: each jitted call flattens them far faster than nnx.State's Variables.
     params, rest = params.to_pure_dict(), rest.to_pure_dict()
     optimizer = make_optimizer(config, params, steps_per_epoch)
-    # One jitted program: eagerly, each zeros_like of each shape is its own dispatch (1.1 s against 0.3 s for the
-    # nano model's AdamW state on a 2-core CPU), with the same zeros.
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=jax.jit(optimizer.init)(params))
+    state = TrainState(step=np.zeros((), np.int32), params=params, opt_state=initial_optimizer_state(optimizer, params))
     return graphdef, replicate(state, mesh), replicate(rest, mesh), optimizer
 
 
