@@ -103,7 +103,8 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any,
 # XLA:CPU compiles the initialisation at LLVM optimisation level 1 in 3.8 s against 5.6 s at the default level (whole
 # build of the nano model; tiny window 8 at 256 px: 6.2 against 9.4 s; 2-core AVX-512 CPU) and gives bitwise the same
 # parameters (tests/test_flax_startup.py): the program runs once, and level 3's extra LLVM passes change loop speed,
-# not IEEE results (level 0 does change them). Other backends keep their defaults.
+# not IEEE results (level 0 does change them). Other backends keep their defaults. Together with the unrolled threefry
+# below, the same test holds for both.
 INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
 
 
@@ -114,12 +115,13 @@ def unrolled_threefry_on_cpu() -> Iterator[None]:
     On a CPU jax lowers each threefry hash as a rolled five-round loop. The nano model's initialisation holds 72 of
     them (a key derived per parameter, then its draw); XLA:CPU compiles every loop as its own computations and cannot
     fold a loop of constants, so the keys of the constant seed are hashed at run time. Unrolled, the key derivations
-    fold away and the draws fuse: compile 2.4 -> 1.45 s for the nano model (2-core AVX-512 CPU), the same integers
+    fold away and the draws fuse: XLA compile 2.0-2.2 -> 1.3-1.5 s for the nano model at INIT_COMPILER_OPTIONS
+    (2-core AVX-512 CPU; lowering 0.5 -> 0.7 s, the unrolled hash traced once per shape), the same integers
     (the same hash) and, at INIT_COMPILER_OPTIONS, bitwise the same parameters (tests/test_flax_startup.py).
     jax offers no public switch for this lowering, so the block registers jax's own two rules (private names of
-    jax._src.random.threefry2x32) through the public mlir.register_lowering, and restores the CPU one on exit; a
-    jax without those names (one that lowers it otherwise) is left as it is. Not thread-safe: nothing else may
-    lower for a CPU meanwhile.
+    jax._src.random.threefry2x32) through the public mlir.register_lowering, and restores jax's CPU rule on exit (not
+    whatever was registered before; not re-entrant); a jax without those names (one that lowers it otherwise) is
+    left as it is. Not thread-safe: nothing else may lower for a CPU meanwhile.
     """
     try:
         from jax._src.random import threefry2x32  # private: see above
@@ -140,7 +142,8 @@ def build_model(build: Callable[[], nnx.Module]) -> nnx.Module:
     """`build()` (a model's construction) run as one jitted program, compiled quickly on a CPU with the same bits.
 
     One program, not eager construction: eagerly, every initializer of every shape compiles on its own (103 XLA
-    programs, 7.0 s for the nano model on a 2-core CPU, against 4.5 s jitted), with bitwise the same parameters.
+    programs, 7.0 s for the nano model on a 2-core CPU, against 4.5 s jitted at the default options then, 2.1 s
+    now), with bitwise the same parameters.
     On a CPU the program is lowered with unrolled_threefry_on_cpu and compiled with INIT_COMPILER_OPTIONS.
     nnx.jit takes no compiler options, so the model crosses jax.jit as nnx.split's (graph, state).
     """
@@ -157,9 +160,10 @@ def initial_optimizer_state(optimizer: optax.GradientTransformation, params: Any
     """`optimizer.init(params)` for make_optimizer's chain, made on the host as numpy zeros of the shapes it gives.
 
     Every state that chain starts from is zeros (AdamW's step count and moments; clipping and the schedule keep
-    none or a count), so no XLA program is compiled for it: 0.2 s for the nano model on a 2-core CPU, jitted, and
-    1.1 s eagerly, where each zeros_like of each shape is its own dispatch. tests/test_flax_startup.py checks it
-    against optax's own init, leaf for leaf, with and without clipping.
+    none or a count), so no XLA program is compiled for it: this takes 4 ms for the nano model on a 2-core CPU, where
+    a jitted optimizer.init took 0.2 s (1.1 s eagerly: each zeros_like of each shape its own dispatch). A chain that
+    starts elsewhere (inject_hyperparams, say) would need optimizer.init again: tests/test_flax_startup.py compares
+    this with optax's own init, leaf for leaf, with and without clipping.
     """
     shapes = jax.eval_shape(optimizer.init, params)  # traces optax's init, computes nothing
     return jax.tree.map(lambda leaf: np.zeros(leaf.shape, leaf.dtype), shapes)

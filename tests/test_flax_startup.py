@@ -1,7 +1,7 @@
-"""The Flax run's start-up: the quicker model construction keeps the seed's parameters bit for bit, and the
-optimiser state made on the host is optax's."""
+"""The Flax start-up's shortcuts: the seed's parameters bit for bit, and optax's own optimiser state."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -19,11 +19,14 @@ def _leaves(model: nnx.Module) -> list[np.ndarray]:
     return [host(leaf) for leaf in jax.tree.leaves(nnx.state(model))]
 
 
-def test_the_initialisations_compiler_options_give_the_seeds_parameters_bit_for_bit():
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+def test_the_quicker_build_gives_the_seeds_parameters_bit_for_bit(dtype):
     # Every kind of initialiser the variants use (truncated normal, zeros, ones, the log logit scale, the position
-    # tables), in one block per stage; the default options are the reference the seed's parameters were made with.
+    # tables), in one block per stage; a plain jax.jit (jax's rolled threefry, the default compiler options) is the
+    # reference the seed's parameters were made with.
     def build() -> nnx.Module:
-        return create_model("swinv2_nano_window4_64", 10, nnx.Rngs(params=3, dropout=3), depths=(1, 1, 1, 1))
+        return create_model("swinv2_nano_window4_64", 10, nnx.Rngs(params=3, dropout=3), depths=(1, 1, 1, 1),
+                            dtype=dtype)
 
     assert INIT_COMPILER_OPTIONS  # with none, this test would compare the default with itself
     graphdef, state = jax.jit(lambda: nnx.split(build()))()
