@@ -236,8 +236,10 @@ def run(args: argparse.Namespace) -> tuple[list[Timing], list[tuple[str, int]]]:
         from flax import nnx
 
         from flax_swin.model import create_model as create_flax_model
+        from flax_swin.steps import build_model
 
-        model = create_flax_model(args.model, args.num_classes, nnx.Rngs(params=0, dropout=1))
+        # As training builds it: the seed's parameters in one program, compiled quickly on a CPU.
+        model = build_model(lambda: create_flax_model(args.model, args.num_classes, nnx.Rngs(params=0, dropout=1)))
         contenders.append(flax_contender(model, images, labels))
     timings = time_round_robin(contenders, args.steps, args.warmup, args.batch_size)
     return timings, parameter_counts(args.model, args.num_classes, args.skip)

@@ -116,8 +116,8 @@ def unrolled_threefry_on_cpu() -> Iterator[None]:
     them (a key derived per parameter, then its draw); XLA:CPU compiles every loop as its own computations and cannot
     fold a loop of constants, so the keys of the constant seed are hashed at run time. Unrolled, the key derivations
     fold away and the draws fuse: XLA compile 2.0-2.2 -> 1.3-1.5 s for the nano model at INIT_COMPILER_OPTIONS
-    (2-core AVX-512 CPU; lowering 0.5 -> 0.7 s, the unrolled hash traced once per shape), the same integers
-    (the same hash) and, at INIT_COMPILER_OPTIONS, bitwise the same parameters (tests/test_flax_startup.py).
+    (2-core AVX-512 CPU; lowering 0.5 -> 0.7 s, the unrolled hash traced once per shape), the same integers (the
+    same hash) and, at those options, bitwise the same parameters (tests/test_flax_startup.py).
     jax offers no public switch for this lowering, so the block registers jax's own two rules (private names of
     jax._src.random.threefry2x32) through the public mlir.register_lowering, and restores jax's CPU rule on exit (not
     whatever was registered before; not re-entrant); a jax without those names (one that lowers it otherwise) is
@@ -147,12 +147,10 @@ def build_model(build: Callable[[], nnx.Module]) -> nnx.Module:
     On a CPU the program is lowered with unrolled_threefry_on_cpu and compiled with INIT_COMPILER_OPTIONS.
     nnx.jit takes no compiler options, so the model crosses jax.jit as nnx.split's (graph, state).
     """
-    if jax.default_backend() != "cpu":
-        graphdef, state = jax.jit(lambda: nnx.split(build()))()
-        return nnx.merge(graphdef, state)
-    with unrolled_threefry_on_cpu():
+    with unrolled_threefry_on_cpu():  # changes CPU lowerings only
         lowered = jax.jit(lambda: nnx.split(build())).trace().lower()
-    graphdef, state = lowered.compile(compiler_options=INIT_COMPILER_OPTIONS)()
+    options = INIT_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
+    graphdef, state = lowered.compile(compiler_options=options)()
     return nnx.merge(graphdef, state)
 
 

@@ -110,10 +110,12 @@ def flax_forward(model_name: str, img_size: int, weights: dict[str, np.ndarray])
     from flax import nnx
 
     from flax_swin.model import create_model
+    from flax_swin.steps import build_model
     from flax_swin.weights import load_pretrained
 
-    # Built under one jit, as training builds it: eagerly, every initializer would compile on its own.
-    model = nnx.jit(lambda: create_model(model_name, weights["head.weight"].shape[0], img_size=img_size))()
+    # Built as training builds it: one program, compiled quickly on a CPU (eagerly, every initializer would compile
+    # on its own).
+    model = build_model(lambda: create_model(model_name, weights["head.weight"].shape[0], img_size=img_size))
     load_pretrained(model, weights)
     model.eval()
     jitted = nnx.jit(lambda model, inputs: model(inputs))
