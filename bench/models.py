@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from shared_data import environment, host_allocator
+from shared_data import environment
 from shared_data.variants import VARIANTS
 
 # Official model zoo figures (millions of parameters, 1000-class head).
@@ -277,9 +277,6 @@ def format_report(args: argparse.Namespace, timings: list[Timing], counts: list[
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    # As the training scripts do: XLA's per-step buffers otherwise fault their pages in anew every step, and the
-    # more so right after torch's step has freed its own (docs/performance.md).
-    host_allocator.keep_freed_memory()
     timings, counts = run(args)
     print(format_report(args, timings, counts))
     return 0

@@ -6,7 +6,7 @@ import logging
 import sys
 
 from flax_swin.configs import default  # light: no JAX import before the flags are checked
-from shared_data import errors, host_allocator, run_config
+from shared_data import errors, run_config
 
 PROG = "train_flax.py"
 DESCRIPTION = ("Train Swin Transformer V2 in JAX/Flax NNX (CLU-style loop, data parallel over every device, "
@@ -20,7 +20,6 @@ def main(argv: list[str] | None = None) -> int:
         config = default.resolve(vars(args))
     except errors.ConfigError as error:
         parser.error(str(error))
-    host_allocator.keep_freed_memory()  # before any framework thread: both stacks under one policy
     import jax
 
     from flax_swin import distributed, train  # JAX is imported only once the flags are known good

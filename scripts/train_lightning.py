@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from lightning_swin.configs import default  # light: no torch import before the flags are checked
-from shared_data import errors, host_allocator, run_config
+from shared_data import errors, run_config
 
 PROG = "train_lightning.py"
 DESCRIPTION = ("Train Swin Transformer V2 with PyTorch Lightning on the shared Imagenette pipeline (DDP over "
@@ -20,7 +20,6 @@ def main(argv: list[str] | None = None) -> int:
         config = default.resolve(vars(args))
     except errors.ConfigError as error:
         parser.error(str(error))
-    host_allocator.keep_freed_memory()  # before any framework thread: both stacks under one policy
     from lightning_swin import train  # torch and Lightning are imported only once the flags are known good
 
     summary = errors.exit_on_error(PROG, lambda: train.train_and_evaluate(config, config["run_dir"]), config["run_name"])
