@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from shared_data import environment
+from shared_data import environment, host_allocator
 from shared_data.variants import VARIANTS
 
 # Official model zoo figures (millions of parameters, 1000-class head).
@@ -254,7 +254,8 @@ def format_report(args: argparse.Namespace, timings: list[Timing], counts: list[
         f"{args.model}, {img_size}x{img_size}, batch {args.batch_size}, float32, median of {args.steps} interleaved steps; "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), jax {jax.__version__} on {jax.default_backend()}; "
         f"before timing: {getattr(args, 'load_before', 'not measured')}, after: {environment.machine_load_text()}",
-        f"host {environment.cpu_description()} (the Flax/PyTorch ratio on a CPU changes with its vector ISA)",
+        f"host {environment.cpu_description()} (the Flax/PyTorch ratio on a CPU changes with its vector ISA); "
+        f"allocator {host_allocator.describe()}",
         f"{'model':<24}{'step':<12}{'s/batch':>10}{'images/s':>10}{'compile s':>11}",
     ]
     for timing in timings:

@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 
 from tqdm import tqdm
 
-from shared_data import run_config
+from shared_data import host_allocator, run_config
 from shared_data.environment import RECORDED_LIBRARIES, cpu_description, library_versions
 from shared_data.trash_safe import remove_path
 
@@ -130,6 +130,7 @@ def stack_threads() -> dict[str, int]:
 def environment() -> dict[str, Any]:
     """Host, CPU and library versions of the machine running the benchmark (each run records its own too)."""
     return {"host": platform.node(), "platform": platform.platform(), "cpu": cpu_description(),
+            "allocator": host_allocator.describe(),
             "versions": library_versions(RECORDED_LIBRARIES + ("tensorboard", "tensorboardX", "matplotlib"))}
 
 

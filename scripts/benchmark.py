@@ -3,6 +3,8 @@
 import sys
 
 from bench import benchmark
+from shared_data import host_allocator
 
 if __name__ == "__main__":
+    host_allocator.restart_with_huge_pages()  # first, and the runs it starts inherit it
     sys.exit(benchmark.main())

@@ -6,7 +6,7 @@ import logging
 import sys
 
 from flax_swin.configs import default  # light: no JAX import before the flags are checked
-from shared_data import errors, run_config
+from shared_data import errors, host_allocator, run_config
 
 PROG = "train_flax.py"
 DESCRIPTION = ("Train Swin Transformer V2 in JAX/Flax NNX (CLU-style loop, data parallel over every device, "
@@ -38,4 +38,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    host_allocator.restart_with_huge_pages()  # first: glibc reads it only at start
     sys.exit(main())

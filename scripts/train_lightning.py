@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from lightning_swin.configs import default  # light: no torch import before the flags are checked
-from shared_data import errors, run_config
+from shared_data import errors, host_allocator, run_config
 
 PROG = "train_lightning.py"
 DESCRIPTION = ("Train Swin Transformer V2 with PyTorch Lightning on the shared Imagenette pipeline (DDP over "
@@ -29,4 +29,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    host_allocator.restart_with_huge_pages()  # first: glibc reads it only at start
     sys.exit(main())
