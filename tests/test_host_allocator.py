@@ -1,6 +1,7 @@
 """The entry points restart once under glibc's huge-page malloc, keeping the user's tunables, pid and arguments."""
 
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -44,7 +45,7 @@ def test_restart_keeps_pid_and_arguments_and_happens_once(tmp_path):
     env["PYTHONPATH"] = str(ROOT)
     out = subprocess.run([sys.executable, str(script), "--flag", "a b"], env=env, capture_output=True, text=True,
                          check=True).stdout.split("\n")
-    restarts = host_allocator.huge_page_environment(env, host_allocator.thp_mode(), "glibc") is not None
+    restarts = host_allocator.huge_page_environment(env, host_allocator.thp_mode(), platform.libc_ver()[0]) is not None
     starts = [line for line in out if line.startswith("start")]
     pid = starts[0].split()[1]
     assert len(starts) == (2 if restarts else 1) and all(line.split()[1] == pid for line in starts)
